@@ -1,0 +1,28 @@
+# mmstore: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV := python3 -m uv
+VENV := .venv
+PY := $(VENV)/bin/python
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+install: ## create .venv with every workspace member, its entry points and the dev tools
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --all-packages
+
+test: install ## install what is needed and run the test suite
+	$(VENV)/bin/pytest
+
+lint: install ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install ## run the benchmarks and rewrite bench/RESULTS.md
+	$(PY) bench/store_bench.py
+
+compose-config: ## validate docker-compose.yml (needs docker-compose)
+	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} docker-compose -f docker-compose.yml config --quiet
+
+.PHONY: help install test lint bench compose-config

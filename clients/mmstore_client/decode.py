@@ -1,0 +1,192 @@
+"""The one decoding rule: how image bytes become RGB pixels, and how their size is read.
+
+Renderer, inference and trainer all call these functions, so the three can never disagree on
+the pixels or the size of an image.
+
+The rule, decided once:
+
+* Formats: PNG, JPEG, WebP, GIF, BMP, TIFF, recognised by content (never by a declared type).
+* Orientation: EXIF orientation IS applied (``ImageOps.exif_transpose``). That is what a person
+  looking at the photo sees and what vLLM's and transformers' own URL loaders do. The width and
+  height of the oriented image are the image's size for every layout computation;
+  :func:`probe` reads them from the header (a 90/270 degree orientation swaps them).
+  The store's BlobInfo reports the raw header size (PIL's ``size``), without orientation.
+* Frames: the first frame of a multi-frame file (GIF, APNG, WebP, TIFF).
+* Modes: everything ends as 8-bit ``RGB``:
+  - transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index) is alpha-composited
+    onto white (255, 255, 255), vLLM's default ``rgba_background_color``;
+  - ``CMYK`` and ``YCbCr`` through PIL's own conversion;
+  - 16-bit and 32-bit grayscale (``I;16*``, ``I``) scaled to 8 bits by their full range
+    (value >> 8 for 16-bit), never clipped; ``F`` clipped to [0, 255];
+  - ``1``, ``L``, ``P`` by PIL's conversion to ``RGB``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Only these formats are images we accept; PIL's name -> the MIME type we serve.
+FORMAT_MIME: dict[str, str] = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+MIME_FORMAT = {mime: fmt for fmt, mime in FORMAT_MIME.items()}
+BACKGROUND = (255, 255, 255)
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb limit; configurable by callers
+
+# Callers pass their own pixel limit; PIL's global bomb check must not fire first with a
+# different rule (we check the header size ourselves before any decoding).
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class ImageError(ValueError):
+    """Base class of the decoding rule's refusals; ``code`` is the error code the services use."""
+
+    code = "corrupt_image"
+
+
+class UnsupportedImage(ImageError):
+    """Bytes that are not an image of an accepted format."""
+
+    code = "unsupported_media_type"
+
+
+class CorruptImage(ImageError):
+    """An accepted format, but truncated or undecodable."""
+
+    code = "corrupt_image"
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the configured limit (decompression bombs)."""
+
+    code = "image_too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What the file header says, without decoding pixels."""
+
+    format: str  # PIL's format name, e.g. "PNG"
+    mime: str
+    raw_width: int  # as stored (PIL's size), no orientation applied
+    raw_height: int
+    width: int  # after EXIF orientation: the size every layout uses
+    height: int
+    frames: int
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage("bytes are not a recognised image (PNG, JPEG, WebP, GIF, BMP, TIFF)") from exc
+    except Exception as exc:  # PIL raises many types on hostile headers
+        raise CorruptImage(f"unreadable image header: {exc}") from exc
+    if img.format not in FORMAT_MIME:
+        raise UnsupportedImage(
+            f"image format {img.format} is not accepted (accepted: {', '.join(FORMAT_MIME)})"
+        )
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:
+        return 1
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Read format and size from the header only (tens of microseconds; no pixel decoding).
+
+    Raises :class:`UnsupportedImage`, :class:`CorruptImage` or :class:`ImageTooLarge`.
+    """
+    img = _open(data)
+    raw_w, raw_h = img.size
+    if raw_w <= 0 or raw_h <= 0:
+        raise CorruptImage(f"image header gives an empty size {raw_w}x{raw_h}")
+    if raw_w * raw_h > max_pixels:
+        raise ImageTooLarge(
+            f"image is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of {max_pixels}"
+        )
+    swap = _orientation(img) in _SWAPPING_ORIENTATIONS
+    return ImageHeader(
+        format=img.format,
+        mime=FORMAT_MIME[img.format],
+        raw_width=raw_w,
+        raw_height=raw_h,
+        width=raw_h if swap else raw_w,
+        height=raw_w if swap else raw_h,
+        frames=getattr(img, "n_frames", 1),
+    )
+
+
+def verify(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Probe, then decode the first frame fully, so truncated or corrupt data is refused."""
+    header = probe(data, max_pixels=max_pixels)
+    img = _open(data)
+    if img.format == "JPEG":
+        # DCT-domain downscaling: every entropy-coded byte is still read (so truncation is
+        # caught), but the inverse transform runs at 1/8 scale: several times faster.
+        img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+    try:
+        img.load()
+    except Exception as exc:
+        raise CorruptImage(f"image data is truncated or corrupt: {exc}") from exc
+    return header
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a loaded PIL image of any mode to 8-bit RGB under the rule above."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        arr = np.asarray(img)
+        if mode == "I":
+            arr = np.clip(arr, 0, 65535)
+        arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        import numpy as np
+
+        arr8 = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> oriented, first-frame, 8-bit RGB image. The one rule; see the module docstring."""
+    probe(data, max_pixels=max_pixels)
+    img = _open(data)
+    try:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+    except Exception as exc:
+        raise CorruptImage(f"image data is truncated or corrupt: {exc}") from exc
+    return to_rgb(img)

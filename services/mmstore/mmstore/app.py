@@ -1,0 +1,45 @@
+"""``create_app(settings)``: wires storage, auth, metrics, routers and error handlers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from . import __version__
+from .auth import Authorizer
+from .blob_read import BlobReader
+from .errors import install_handlers
+from .fastpath import BlobFastPath
+from .metrics import MetricsMiddleware, StoreMetrics
+from .routes import admin, blobs, health, runs
+from .settings import Settings
+from .storage.local import LocalStorage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    storage = LocalStorage(settings.root, fsync=settings.fsync)
+    metrics = StoreMetrics()
+    authorizer = Authorizer(settings.token_scopes())
+    reader = BlobReader(storage, settings.info_cache_entries)
+
+    app = FastAPI(
+        title="mmstore",
+        version=__version__,
+        description="Content-addressed, run-scoped image asset store. Errors: "
+        '`{"error": {"code": ..., "message": ...}}`.',
+    )
+    app.state.settings = settings
+    app.state.storage = storage
+    app.state.metrics = metrics
+    app.state.authorizer = authorizer
+    app.state.blob_reader = reader
+    install_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
+
+    for router in (blobs.router, runs.router, admin.router, health.router):
+        app.include_router(router)
+    # the last added middleware is the outermost: the fast path answers before the metrics
+    # middleware (it counts its own requests), everything else is counted there.
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.fast_blob_path:
+        app.add_middleware(BlobFastPath, reader=reader, authorizer=authorizer, metrics=metrics)
+    return app

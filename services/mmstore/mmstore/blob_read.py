@@ -1,0 +1,110 @@
+"""Serving a blob's bytes (GET/HEAD ``/v1/blobs/{digest}``): one implementation.
+
+Blobs are immutable and content-addressed, so the ETag is the digest, caches may keep a
+response forever, and the ``digest -> BlobInfo`` lookup is cached in memory (a GC'd blob
+shows up as a missing file and is evicted).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import anyio
+from mmstore_client.digest import is_digest
+from mmstore_client.models import BlobInfo
+
+from .errors import InvalidDigestError, NotFoundError, RangeNotSatisfiable
+from .storage.base import Storage
+
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_INLINE_READ = 1 << 20  # smaller files are read on the event loop (page-cache reads are ~us)
+
+
+@dataclass(slots=True)
+class BlobReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end_inclusive)`` for one satisfiable byte range; None: serve the whole blob.
+
+    Malformed or multi-range headers are ignored (RFC 9110 allows serving 200); a well-formed
+    range that starts past the end raises 416.
+    """
+    if not header:
+        return None
+    m = _RANGE_RE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None
+    else:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable("empty suffix range", size=size)
+        start, end = max(0, size - n), size - 1
+    if start >= size:
+        raise RangeNotSatisfiable(f"range starts at {start}, blob has {size} bytes", size=size)
+    return start, end
+
+
+class BlobReader:
+    def __init__(self, storage: Storage, cache_entries: int) -> None:
+        self.storage = storage
+        self._cache: OrderedDict[str, BlobInfo] = OrderedDict()
+        self._cache_entries = cache_entries
+
+    def _info(self, digest: str) -> BlobInfo:
+        info = self._cache.get(digest)
+        if info is None:
+            info = self.storage.info(digest)
+            if info is None:
+                raise NotFoundError(f"blob {digest} not found", digest=digest)
+            if self._cache_entries:
+                self._cache[digest] = info
+                if len(self._cache) > self._cache_entries:
+                    self._cache.popitem(last=False)
+        return info
+
+    async def read(
+        self, digest: str, *, head: bool, range_header: str | None, if_none_match: str | None
+    ) -> BlobReply:
+        if not is_digest(digest):
+            raise InvalidDigestError(f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>")
+        info = self._info(digest)
+        etag = f'"{digest}"'
+        headers = {"etag": etag, "cache-control": CACHE_CONTROL, "accept-ranges": "bytes"}
+        if if_none_match and (if_none_match.strip() == "*" or etag in if_none_match):
+            return BlobReply(304, headers, b"")
+        headers["content-type"] = info.mime
+        byte_range = parse_range(range_header, info.size)
+        start, end = byte_range or (0, info.size - 1)
+        length = end - start + 1
+        headers["content-length"] = str(length)
+        status = 200
+        if byte_range:
+            status = 206
+            headers["content-range"] = f"bytes {start}-{end}/{info.size}"
+        if head:
+            return BlobReply(status, headers, b"")
+        body = await self._read(digest, start, length, info.size)
+        return BlobReply(status, headers, body)
+
+    async def _read(self, digest: str, start: int, length: int, size: int) -> bytes:
+        def read() -> bytes:
+            return self.storage.read(digest, start, length)
+
+        try:
+            return read() if size <= _INLINE_READ else await anyio.to_thread.run_sync(read)
+        except FileNotFoundError:
+            self._cache.pop(digest, None)
+            raise NotFoundError(f"blob {digest} not found", digest=digest) from None

@@ -1,0 +1,98 @@
+"""The store's error hierarchy and the one handler that writes the error body.
+
+Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``::
+
+    ApiError
+    ├── InvalidDigestError      400 invalid_digest
+    ├── InvalidRunError         400 invalid_run
+    ├── InvalidRequestError     400 invalid_request
+    ├── UnauthorizedError       401 unauthorized
+    ├── ForbiddenError          403 forbidden
+    ├── NotFoundError           404 not_found
+    ├── RangeNotSatisfiable     416 range_not_satisfiable
+    ├── PayloadTooLargeError    413 payload_too_large
+    ├── UnsupportedMediaError   415 unsupported_media_type
+    ├── DigestMismatchError     422 digest_mismatch
+    ├── CorruptImageError       422 corrupt_image
+    └── ImageTooLargeError      422 image_too_large
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from mmstore_client import decode
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+def _error(name: str, status: int, code: str) -> type[ApiError]:
+    return type(name, (ApiError,), {"status": status, "code": code, "__doc__": f"{status} {code}"})
+
+
+InvalidDigestError = _error("InvalidDigestError", 400, "invalid_digest")
+InvalidRunError = _error("InvalidRunError", 400, "invalid_run")
+InvalidRequestError = _error("InvalidRequestError", 400, "invalid_request")
+UnauthorizedError = _error("UnauthorizedError", 401, "unauthorized")
+ForbiddenError = _error("ForbiddenError", 403, "forbidden")
+NotFoundError = _error("NotFoundError", 404, "not_found")
+PayloadTooLargeError = _error("PayloadTooLargeError", 413, "payload_too_large")
+UnsupportedMediaError = _error("UnsupportedMediaError", 415, "unsupported_media_type")
+RangeNotSatisfiable = _error("RangeNotSatisfiable", 416, "range_not_satisfiable")
+DigestMismatchError = _error("DigestMismatchError", 422, "digest_mismatch")
+CorruptImageError = _error("CorruptImageError", 422, "corrupt_image")
+ImageTooLargeError = _error("ImageTooLargeError", 422, "image_too_large")
+
+_IMAGE_ERRORS: dict[type[decode.ImageError], type[ApiError]] = {
+    decode.UnsupportedImage: UnsupportedMediaError,
+    decode.CorruptImage: CorruptImageError,
+    decode.ImageTooLarge: ImageTooLargeError,
+}
+
+
+def from_image_error(exc: decode.ImageError) -> ApiError:
+    """Map the decoding rule's refusal to its HTTP error."""
+    return _IMAGE_ERRORS.get(type(exc), CorruptImageError)(str(exc))
+
+
+def error_response(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def install_handlers(app: FastAPI, on_error: Callable[[str], None] = lambda code: None) -> None:
+    """Register the handlers; ``on_error(code)`` is called for every error answered."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        on_error(exc.code)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        on_error(InvalidRequestError.code)
+        return error_response(InvalidRequestError("malformed request", errors=errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
+        )

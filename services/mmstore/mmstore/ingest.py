@@ -1,0 +1,66 @@
+"""Upload handling: bounded body reading, digest verification, image validation, storing."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from mmstore_client import decode
+from mmstore_client.digest import compute_digest
+from mmstore_client.models import BlobInfo
+
+from .errors import DigestMismatchError, PayloadTooLargeError, from_image_error
+from .metrics import StoreMetrics
+from .settings import Settings
+from .storage.base import PutResult, Storage
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (never fully buffered)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}", limit=limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"body is over the limit of {limit} bytes", limit=limit)
+    return bytes(body)
+
+
+def ingest(
+    storage: Storage,
+    settings: Settings,
+    metrics: StoreMetrics,
+    run: str,
+    data: bytes,
+    expected: str | None,
+) -> PutResult:
+    """Verify and store ``data`` for ``run`` (runs in a worker thread: hashing and decoding).
+
+    The bytes already stored under a digest were verified when first stored, so a re-upload only
+    needs its digest checked before it is linked.
+    """
+    digest = compute_digest(data)
+    if expected is not None and digest != expected:
+        raise DigestMismatchError(
+            "the body's digest differs from the digest in the URL", expected=expected, actual=digest
+        )
+    metrics.bytes_in.inc(len(data))
+    existing = storage.link_existing(run, digest)
+    if existing is not None:
+        metrics.blobs_deduplicated.inc()
+        return PutResult(existing, created=False)
+    try:
+        header = decode.verify(data, max_pixels=settings.max_image_pixels)
+    except decode.ImageError as exc:
+        raise from_image_error(exc) from exc
+    info = BlobInfo(
+        digest=digest,
+        size=len(data),
+        mime=header.mime,
+        format=header.format,
+        width=header.raw_width,
+        height=header.raw_height,
+    )
+    result = storage.put(run, digest, data, info)
+    (metrics.blobs_created if result.created else metrics.blobs_deduplicated).inc()
+    return result

@@ -1,0 +1,115 @@
+"""Blob routes: upload by digest or by body, read, info, and the missing-digests query."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from mmstore_client.digest import is_digest
+from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
+
+from ..deps import READ, WRITE, RunDep, StorageDep
+from ..errors import InvalidDigestError, NotFoundError
+from ..ingest import ingest, read_body
+
+router = APIRouter(prefix="/v1", tags=["blobs"])
+
+DigestPath = Annotated[str, Path(description="blake3:<64 lowercase hex> of the raw bytes")]
+_CREATED_OR_EXISTING = {
+    200: {"model": BlobInfo, "description": "already stored (now linked to this run too)"},
+    201: {"model": BlobInfo, "description": "stored"},
+}
+
+
+def _check_digest(digest: str) -> str:
+    if not is_digest(digest):
+        raise InvalidDigestError(
+            f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>", digest=digest[:100]
+        )
+    return digest
+
+
+async def _upload(request: Request, run: str, expected: str | None, response: Response) -> BlobInfo:
+    state = request.app.state
+    data = await read_body(request, state.settings.max_upload_bytes)
+    result = await run_in_threadpool(
+        ingest, state.storage, state.settings, state.metrics, run, data, expected
+    )
+    response.status_code = 201 if result.created else 200
+    return result.info
+
+
+@router.put(
+    "/runs/{run}/blobs/{digest}",
+    dependencies=[WRITE],
+    responses=_CREATED_OR_EXISTING,
+    summary="Upload a blob under its digest (verified) and link it to a run",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}},
+)
+async def put_blob(request: Request, run: RunDep, digest: DigestPath, response: Response) -> BlobInfo:
+    return await _upload(request, run, _check_digest(digest), response)
+
+
+@router.post(
+    "/runs/{run}/blobs",
+    dependencies=[WRITE],
+    responses=_CREATED_OR_EXISTING,
+    summary="Upload a blob; the server computes its digest",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}},
+)
+async def post_blob(request: Request, run: RunDep, response: Response) -> BlobInfo:
+    return await _upload(request, run, None, response)
+
+
+@router.head("/blobs/{digest}", dependencies=[READ], operation_id="head_blob", summary="GET without the body")
+@router.get(
+    "/blobs/{digest}",
+    dependencies=[READ],
+    operation_id="get_blob",
+    summary="The blob's bytes (Range, If-None-Match supported)",
+    responses={
+        200: {"content": {"image/*": {}}},
+        206: {"description": "partial content"},
+        304: {"description": "not modified"},
+    },
+)
+async def get_blob(
+    request: Request,
+    digest: DigestPath,
+    range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    reply = await request.app.state.blob_reader.read(
+        digest, head=request.method == "HEAD", range_header=range, if_none_match=if_none_match
+    )
+    request.app.state.metrics.bytes_out.inc(len(reply.body))
+    return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+@router.post(
+    "/runs/{run}/blobs:link",
+    dependencies=[WRITE],
+    summary="Link already stored blobs to a run without sending bytes; reports those absent",
+)
+def link_blobs(storage: StorageDep, run: RunDep, body: MissingRequest) -> LinkResponse:
+    linked, missing = [], []
+    for d in dict.fromkeys(body.digests):
+        info = storage.link_existing(run, _check_digest(d))
+        (linked.append(info) if info else missing.append(d))
+    return LinkResponse(linked=linked, missing=missing)
+
+
+@router.get("/blobs/{digest}/info", dependencies=[READ], summary="A blob's metadata")
+def blob_info(storage: StorageDep, digest: DigestPath) -> BlobInfo:
+    info = storage.info(_check_digest(digest))
+    if info is None:
+        raise NotFoundError(f"blob {digest} not found", digest=digest)
+    return info
+
+
+@router.post("/blobs:missing", dependencies=[READ], summary="Which of these digests the store lacks")
+def missing(storage: StorageDep, body: MissingRequest) -> MissingResponse:
+    for d in body.digests:
+        _check_digest(d)
+    return MissingResponse(missing=storage.missing(body.digests))

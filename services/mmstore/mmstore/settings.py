@@ -1,0 +1,48 @@
+"""Configuration: flags override environment variables (``MMSTORE_*``) override defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["read", "write", "admin"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMSTORE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8700
+    root: Path = Field(Path("./data"), description="local storage directory")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    tokens: dict[str, list[Scope]] = Field(
+        default_factory=dict,
+        description='bearer token -> scopes, JSON: {"tok": ["read", "write"]}. '
+        "write includes read, admin includes both. None: open, loopback only.",
+    )
+    tokens_file: Path | None = Field(None, description="JSON file with the same mapping as tokens")
+    max_upload_bytes: int = Field(64 << 20, ge=1, description="413 above this, checked while streaming")
+    max_image_pixels: int = Field(100_000_000, ge=1, description="422 image_too_large above this")
+    gc_grace_seconds: float = Field(
+        3600.0, ge=0, description="unreferenced blobs younger than this survive GC"
+    )
+    fsync: bool = Field(True, description="fsync blobs and the index before acknowledging a PUT")
+    fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
+    info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
+
+    def token_scopes(self) -> dict[str, set[str]]:
+        """Every token with its effective scopes (implied ones added)."""
+        tokens = dict(self.tokens)
+        if self.tokens_file:
+            tokens.update(json.loads(self.tokens_file.read_text()))
+        implied = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}
+        return {tok: set().union(*(implied[s] for s in scopes)) for tok, scopes in tokens.items()}

@@ -1,0 +1,104 @@
+"""Test support: real server processes on free loopback ports, and real image bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real service process (``argv``) on a free port, started and stopped by the test."""
+
+    def __init__(
+        self, argv: list[str], port: int, env: dict[str, str] | None = None, log: Path | None = None
+    ):
+        self.argv, self.port, self.log = argv, port, log
+        self.env = {**os.environ, **(env or {})}
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.argv} not healthy after {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def store_process(root: Path, *, tokens: str | None = None, **env: str) -> ServerProcess:
+    port = free_port()
+    extra = {"MMSTORE_TOKENS": tokens} if tokens else {}
+    extra.update({f"MMSTORE_{k.upper()}": v for k, v in env.items()})
+    mmstore = shutil.which("mmstore", path=str(VENV_BIN)) or "mmstore"
+    return ServerProcess(
+        [mmstore, "serve", "--port", str(port), "--root", str(root)],
+        port,
+        env=extra,
+        log=root.parent / f"mmstore-{port}.log",
+    )
+
+
+def image_bytes(
+    width: int = 64, height: int = 48, fmt: str = "PNG", seed: int = 0, mode: str = "RGB"
+) -> bytes:
+    """A real image whose pixels depend on ``seed`` (so seeds give different digests)."""
+    img = Image.new(mode, (width, height))
+    px = [
+        ((x * 7 + seed * 31) % 256, (y * 5 + seed) % 256, (x + y + seed * 3) % 256)
+        for y in range(height)
+        for x in range(width)
+    ]
+    if mode == "RGB":
+        img.putdata(px)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise_png(nbytes_target: int, seed: int = 0) -> bytes:
+    """An incompressible PNG of about ``nbytes_target`` bytes (random pixels)."""
+    side = max(8, int((nbytes_target / 3) ** 0.5))
+    rnd = random.Random(seed).randbytes(side * side * 3)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), rnd).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
