@@ -60,8 +60,10 @@ def test_put_skips_upload_when_present_and_links(store):
 
 def test_get_verifies_caches_and_single_flights(store):
     data = image_bytes(64, 64, seed=51)
+    with StoreClient(store.url) as uploader:
+        digest = uploader.put(data, "client-get").digest
+        assert digest in uploader.cache, "put caches what it sent"
     with StoreClient(store.url, cache=ByteCache(1 << 20)) as client:
-        digest = client.put(data, "client-get").digest
         barrier = threading.Barrier(8)
 
         def get(_):
@@ -77,8 +79,9 @@ def test_get_verifies_caches_and_single_flights(store):
 
 async def test_async_get_single_flight_and_errors(store):
     data = image_bytes(64, 64, seed=52)
+    async with AsyncStoreClient(store.url) as uploader:
+        digest = (await uploader.put(data, "client-async")).digest
     async with AsyncStoreClient(store.url) as client:
-        digest = (await client.put(data, "client-async")).digest
         results = await asyncio.gather(*[client.get(digest) for _ in range(10)])
         assert all(r == data for r in results) and client.fetches == 1
         with pytest.raises(NotFoundError) as exc:

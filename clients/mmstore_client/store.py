@@ -60,7 +60,7 @@ class _StoreBase:
         self.cache = cache if cache is not None else ByteCache()
         self.fetches = 0  # blob GETs that went to the network (after cache and single-flight)
         self.fetched_bytes = 0
-        self.uploads = 0  # blob bodies actually sent
+        self.uploads = 0  # blob bodies the store accepted from this client
 
     def _delay(self, attempt: int) -> float:
         return self.backoff * (2**attempt)
@@ -122,8 +122,9 @@ class StoreClient(_StoreBase):
         linked = self.link(run, [digest])
         if linked.linked:
             return linked.linked[0]
-        self.uploads += 1
         r = self._request("PUT", f"/v1/runs/{run}/blobs/{digest}", content=data)
+        self.uploads += 1
+        self.cache.put(digest, data)
         return BlobInfo.model_validate_json(r.content)
 
     def link(self, run: str, digests: list[str]) -> LinkResponse:
@@ -235,8 +236,9 @@ class AsyncStoreClient(_StoreBase):
         linked = await self.link(run, [digest])
         if linked.linked:
             return linked.linked[0]
-        self.uploads += 1
         r = await self._request("PUT", f"/v1/runs/{run}/blobs/{digest}", content=data)
+        self.uploads += 1
+        self.cache.put(digest, data)
         return BlobInfo.model_validate_json(r.content)
 
     async def link(self, run: str, digests: list[str]) -> LinkResponse:

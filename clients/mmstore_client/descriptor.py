@@ -1,0 +1,172 @@
+"""Descriptors and training samples: the small, strict records that cross process boundaries.
+
+A :class:`Descriptor` is the raw multimodal item: which bytes (digest), what they are (mime,
+oriented width/height), and how the model family lays them out (family, layout config and its
+fingerprint, grid, placeholder token count). About 200 bytes of JSON; never pixels.
+
+Processed payloads (``pixel_values``, ``image_embeds``, ``image_features``, tensors, arrays,
+base64 pixel data) are refused anywhere in a descriptor, a message list or a sample, with an
+error naming the path, so that nobody quietly ships 20 MB tensors through the rollout path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+DESCRIPTOR_VERSION = 1
+SAMPLE_VERSION = 1
+
+# keys that only ever hold processed image data
+PROCESSED_KEYS = frozenset(
+    {
+        "pixel_values",
+        "pixel_values_videos",
+        "image_embeds",
+        "image_features",
+        "vision_embeds",
+        "image_tensor",
+        "image_tensors",
+        "pixel_attention_mask",
+        "patch_embeds",
+        "mm_embeds",
+    }
+)
+_BASE64_RUN = re.compile(r"^[A-Za-z0-9+/=\s]{4096,}$")
+_DATA_URI = re.compile(r"^data:[^,]{0,100};base64,", re.IGNORECASE)
+
+
+class ProcessedPayloadError(ValueError):
+    """A processed image payload where only refs and descriptors may travel."""
+
+    code = "processed_payload"
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(
+            f"processed image payload at {path}: {what}; send mmstore refs and descriptors instead"
+        )
+        self.path = path
+
+
+def reject_processed(obj: Any, path: str = "$", *, allow_data_uris: bool = False) -> None:
+    """Raise :class:`ProcessedPayloadError` for any processed payload inside ``obj`` (recursive).
+
+    ``allow_data_uris`` admits ``data:image/...;base64,`` URLs (the input of offload, before
+    they are replaced by refs); everywhere downstream of offload they are refused.
+    """
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            sub = f"{path}.{key}"
+            if key in PROCESSED_KEYS:
+                raise ProcessedPayloadError(sub, f"key {key!r}")
+            reject_processed(value, sub, allow_data_uris=allow_data_uris)
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            reject_processed(value, f"{path}[{i}]", allow_data_uris=allow_data_uris)
+    elif isinstance(obj, str):
+        if _DATA_URI.match(obj) and not allow_data_uris:
+            raise ProcessedPayloadError(path, "inline base64 data URI")
+        if len(obj) >= 4096 and _BASE64_RUN.match(obj[:8192]):
+            raise ProcessedPayloadError(path, f"base64-like string of {len(obj)} characters")
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        raise ProcessedPayloadError(path, f"raw bytes ({len(obj)})")
+    elif hasattr(obj, "__array__") or hasattr(obj, "__array_interface__") or type(obj).__name__ == "Tensor":
+        raise ProcessedPayloadError(path, f"array/tensor of type {type(obj).__name__}")
+    elif isinstance(obj, _Strict):
+        return  # our own models check themselves when they are built
+    elif obj is not None and not isinstance(obj, int | float | bool):
+        raise ProcessedPayloadError(path, f"object of type {type(obj).__name__}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_processed_payloads(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            reject_processed(data, f"${cls.__name__}")
+        return data
+
+
+Digest = Annotated[str, StringConstraints(pattern=r"^blake3:[0-9a-f]{64}$")]
+LayoutScalar = int | float | str | bool | None
+
+
+class Descriptor(_Strict):
+    """One image as every component must see it. Round-trips through JSON losslessly."""
+
+    version: Literal[1] = DESCRIPTOR_VERSION
+    modality: Literal["image"] = "image"
+    digest: Digest
+    mime: str
+    width: int = Field(gt=0, description="after EXIF orientation (the decoding rule)")
+    height: int = Field(gt=0)
+    family: str = Field(description="layout family, e.g. qwen2_vl")
+    layout: dict[str, LayoutScalar | list[int]] = Field(description="the layout config it was computed with")
+    fingerprint: str = Field(description="short hash of family + layout config")
+    grid: tuple[int, ...] = Field(
+        description="grid_thw for Qwen-style families, the family's geometry otherwise"
+    )
+    num_tokens: int = Field(gt=0, description="image placeholder tokens in the prompt")
+
+    @property
+    def ref(self) -> str:
+        from .digest import make_ref
+
+        return make_ref(self.digest)
+
+
+class ImageSpan(_Strict):
+    """Where one image's placeholder run sits in a token sequence: ``ids[start:start+length]``."""
+
+    start: int = Field(ge=0)
+    length: int = Field(gt=0)
+
+
+class Sample(_Strict):
+    """A training sample as rollout workers write it (JSONL / Parquet) and the trainer reads it.
+
+    ``descriptors[i]`` is the i-th image in order of appearance; ``image_spans[i]`` is where its
+    placeholder run sits in ``token_ids``. ``loss_mask`` marks the tokens to train on (the
+    assistant's); ``advantages`` is per token (same length) or one per sample;
+    ``logprobs`` holds the inference logprobs of the tokens (0.0 where not sampled).
+    """
+
+    version: Literal[1] = SAMPLE_VERSION
+    sample_id: str
+    token_ids: list[int]
+    loss_mask: list[bool]
+    advantages: list[float] | float
+    logprobs: list[float]
+    descriptors: list[Descriptor] = Field(default_factory=list)
+    image_spans: list[ImageSpan] = Field(default_factory=list)
+    reward: float | None = None
+    meta: dict[str, LayoutScalar] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Sample:
+        n = len(self.token_ids)
+        for name in ("loss_mask", "logprobs"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} tokens")
+        if isinstance(self.advantages, list) and len(self.advantages) != n:
+            raise ValueError(f"advantages has {len(self.advantages)} entries for {n} tokens")
+        if len(self.image_spans) != len(self.descriptors):
+            raise ValueError(f"{len(self.image_spans)} image spans for {len(self.descriptors)} descriptors")
+        end = 0
+        for i, (span, desc) in enumerate(zip(self.image_spans, self.descriptors, strict=True)):
+            if span.length != desc.num_tokens:
+                raise ValueError(
+                    f"image {i}: span of {span.length} tokens, descriptor says {desc.num_tokens}"
+                )
+            if span.start < end or span.start + span.length > n:
+                raise ValueError(
+                    f"image {i}: span {span.start}+{span.length} overlaps or leaves the sequence"
+                )
+            end = span.start + span.length
+            if any(self.loss_mask[span.start : end]):
+                raise ValueError(f"image {i}: loss_mask is set on image placeholder tokens")
+        return self
