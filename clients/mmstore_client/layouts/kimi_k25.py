@@ -1,0 +1,77 @@
+"""Kimi K2.5: ``Kimi_K25ImageProcessor``'s NaViT resize, never upscaling, then padding.
+
+The image is shrunk (never enlarged) until it fits ``max_patches`` patches in total and
+``max_patches_per_side`` patches per side, then padded up to multiples of
+``patch_size * merge_size``; every ``merge_size`` x ``merge_size`` block of patches of the padded
+image is one ``<|media_pad|>``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import PositiveInt
+
+from mmstore_client.layouts.base import Layout, LayoutConfig, LayoutConfigError, Placement
+from mmstore_client.layouts.common import pick, thw_placement
+from mmstore_client.layouts.registry import register
+
+
+class KimiK25Config(LayoutConfig):
+    """``Kimi_K25ImageProcessor`` class defaults; ``max_patches_per_side`` is its
+    ``size["max_height"]`` (== ``size["max_width"]``), counted in patches."""
+
+    patch_size: PositiveInt = 14
+    merge_size: PositiveInt = 2
+    max_patches: PositiveInt = 16384
+    max_patches_per_side: PositiveInt = 512
+
+
+@register("kimi_k25")
+class KimiK25Layout(Layout[KimiK25Config]):
+    """``grid`` is ``image_grid_thw`` ``(1, padded_height / patch, padded_width / patch)``;
+    ``placeholder_text`` is ``num_tokens`` copies of ``<|media_pad|>`` (all counted)."""
+
+    family = "kimi_k25"
+    hf_processor = "Kimi_K25ImageProcessor"
+    config_type = KimiK25Config
+    image_token = "<|media_pad|>"
+    placeholder = "<|media_pad|>"
+    template_text = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+
+    def place(self, width: int, height: int) -> Placement:
+        cfg = self.config
+        height, width = self.resize(height, width)
+        factor = cfg.merge_size * cfg.patch_size
+        padded_height = (factor - height % factor) % factor + height
+        padded_width = (factor - width % factor) % factor + width
+        return thw_placement(padded_height, padded_width, cfg.patch_size, cfg.merge_size)
+
+    def resize(self, height: int, width: int) -> tuple[int, int]:
+        """``navit_resize``'s resized (not yet padded) (height, width)."""
+        cfg = self.config
+        current_patches = max(1.0, height // cfg.patch_size) * max(1.0, width // cfg.patch_size)
+        side = cfg.max_patches_per_side * cfg.patch_size
+        scale = min(1.0, math.sqrt(cfg.max_patches / current_patches), side / height, side / width)
+        new_height = min(max(1, int(height * scale)), side)
+        new_width = min(max(1, int(width * scale)), side)
+        return new_height, new_width
+
+    def placeholder_text(self, placement: Placement) -> str:
+        return self.image_token * placement.num_tokens
+
+    @classmethod
+    def overrides_from_hf(cls, image_processor: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
+        """Patch, merge and total-patch limits, and ``size`` with equal max height and width (the
+        processor refuses any other)."""
+        fields = pick(image_processor, "patch_size", "merge_size", "max_patches")
+        size = image_processor.get("size")
+        if size is not None:
+            side = size.get("max_height")
+            if side is None or side != size.get("max_width"):
+                raise LayoutConfigError(
+                    f"{cls.family}: size must hold equal 'max_height' and 'max_width', got {size}"
+                )
+            fields["max_patches_per_side"] = side
+        return fields

@@ -1,0 +1,71 @@
+"""Image placeholder runs in token ids: found, checked against descriptors, collapsed.
+
+Shared by the renderer (which builds the runs), the inference service (which collapses them to
+one placeholder per image for vLLM and compares vLLM's expansion) and the trainer (which checks
+them against the processor's output), so all three count image tokens the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .descriptor import Descriptor, ImageSpan
+
+
+class PlaceholderMismatch(ValueError):
+    """Token ids whose image placeholder runs do not match the descriptors."""
+
+    code = "placeholder_mismatch"
+
+    def __init__(
+        self, message: str, image: int | None = None, expected: int | None = None, actual: int | None = None
+    ):
+        super().__init__(message)
+        self.image, self.expected, self.actual = image, expected, actual
+
+
+def image_runs(ids: Sequence[int], image_token_id: int) -> list[ImageSpan]:
+    """Every maximal run of ``image_token_id`` in ``ids``."""
+    runs, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == image_token_id:
+            j = i
+            while j < n and ids[j] == image_token_id:
+                j += 1
+            runs.append(ImageSpan(start=i, length=j - i))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def check_runs(ids: Sequence[int], descriptors: Sequence[Descriptor], image_token_id: int) -> list[ImageSpan]:
+    """The spans of the images in ``ids``; raise :class:`PlaceholderMismatch` naming the first
+    image whose run length differs from its descriptor's token count (or a count mismatch)."""
+    runs = image_runs(ids, image_token_id)
+    for i, (run, desc) in enumerate(zip(runs, descriptors, strict=False)):
+        if run.length != desc.num_tokens:
+            raise PlaceholderMismatch(
+                f"image {i} ({desc.digest}): {run.length} placeholder tokens at {run.start}, "
+                f"its descriptor says {desc.num_tokens}",
+                image=i,
+                expected=desc.num_tokens,
+                actual=run.length,
+            )
+    if len(runs) != len(descriptors):
+        raise PlaceholderMismatch(
+            f"{len(runs)} image placeholder runs in the ids for {len(descriptors)} descriptors",
+            expected=len(descriptors),
+            actual=len(runs),
+        )
+    return runs
+
+
+def collapse(ids: Sequence[int], runs: Sequence[ImageSpan]) -> list[int]:
+    """``ids`` with each run reduced to its first token (one placeholder per image)."""
+    out, pos = [], 0
+    for run in runs:
+        out.extend(ids[pos : run.start + 1])
+        pos = run.start + run.length
+    out.extend(ids[pos:])
+    return out
