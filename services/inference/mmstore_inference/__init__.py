@@ -1,0 +1,1 @@
+"""mmstore_inference: vLLM serving that pulls images from mmstore by digest."""

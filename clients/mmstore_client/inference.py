@@ -1,0 +1,156 @@
+"""The inference service's wire schemas and its clients (:class:`InferenceClient`, async twin).
+
+``POST /v1/generate`` takes the renderer's output as is: prompt token ids with every image's
+placeholder run expanded, and the descriptors of the images in order. The service pulls each
+image by digest, verifies it, checks the ids against vLLM's own expansion, and samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from .descriptor import Descriptor, _Strict
+from .errors import ServerError, TransportError, error_from_response
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SamplingOptions(_Strict):
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=64, description="samples of this prompt")
+    logprobs: bool = Field(True, description="return the logprob of each sampled token")
+    allow_image_tokens: bool = Field(
+        False, description="let the policy sample image special tokens (forbidden by default)"
+    )
+
+
+class GenerateRequest(_Strict):
+    prompt_token_ids: list[int] = Field(min_length=1)
+    descriptors: list[Descriptor] = Field(default_factory=list)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    request_id: str | None = Field(None, max_length=200, description="for logs; generated if absent")
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int | None = None
+
+
+class Timings(BaseModel):
+    fetch_s: float = Field(description="fetching, verifying and decoding the images")
+    process_s: float = Field(description="vLLM's input processing and the placeholder check")
+    generate_s: float = Field(description="from submission to the last token (queue included)")
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    prompt_token_ids: list[int] = Field(description="the prompt vLLM ran: equal to the request's")
+    samples: list[Completion]
+    usage: Usage
+    timings: Timings
+
+
+class _InferenceBase:
+    def __init__(self, url: str, *, timeout: float = 300.0, retries: int = 2, backoff: float = 0.5) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.retried = 0  # requests re-sent after a transport error or a 503
+
+    @staticmethod
+    def _body(request: GenerateRequest | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(request, GenerateRequest):
+            return request.model_dump(mode="json", exclude_none=True)
+        return GenerateRequest.model_validate(request).model_dump(mode="json", exclude_none=True)
+
+    @staticmethod
+    def _parse(response: httpx.Response) -> GenerateResponse:
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return GenerateResponse.model_validate_json(response.content)
+
+    @staticmethod
+    def _retryable(exc: Exception) -> bool:
+        # generation requests are idempotent (same ids, same refs): safe to re-send on 503/transport
+        return isinstance(exc, httpx.TransportError) or (isinstance(exc, ServerError) and exc.status == 503)
+
+
+class InferenceClient(_InferenceBase):
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout)
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        body = self._body(request)
+        for attempt in range(self.retries + 1):
+            try:
+                return self._parse(self._http.post("/v1/generate", json=body))
+            except Exception as exc:
+                if not self._retryable(exc) or attempt == self.retries:
+                    if isinstance(exc, httpx.TransportError):
+                        raise TransportError(f"POST {self.url}/v1/generate: {exc!r}") from exc
+                    raise
+                self.retried += 1
+                time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+class AsyncInferenceClient(_InferenceBase):
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        body = self._body(request)
+        for attempt in range(self.retries + 1):
+            try:
+                return self._parse(await self._http.post("/v1/generate", json=body))
+            except Exception as exc:
+                if not self._retryable(exc) or attempt == self.retries:
+                    if isinstance(exc, httpx.TransportError):
+                        raise TransportError(f"POST {self.url}/v1/generate: {exc!r}") from exc
+                    raise
+                self.retried += 1
+                await asyncio.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")

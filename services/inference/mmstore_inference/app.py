@@ -1,0 +1,128 @@
+"""``create_app(settings)``: the inference service (FastAPI) around one vLLM engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from mmstore_client import AsyncStoreClient, ByteCache
+from mmstore_client.inference import GenerateRequest, GenerateResponse
+from mmstore_client.layouts import Layout
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from .engine import Engine
+from .errors import EngineUnavailable, InferenceError, InvalidRequest
+from .fetch import DecodedCache, ImageFetcher
+from .metrics import InferenceMetrics
+from .service import GenerateService
+from .settings import InferenceSettings
+
+log = logging.getLogger("mmstore_inference")
+
+
+def create_app(settings: InferenceSettings) -> FastAPI:
+    from transformers import AutoTokenizer
+
+    layout = Layout.from_pretrained(settings.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
+    store = AsyncStoreClient(
+        settings.store, token=settings.store_token, cache=ByteCache(settings.byte_cache_bytes)
+    )
+    fetcher = ImageFetcher(store, DecodedCache(settings.decoded_cache_bytes))
+    metrics = InferenceMetrics(fetcher)
+    engine = Engine(settings)
+    service = GenerateService(engine, layout, tokenizer, fetcher, metrics)
+
+    async def start_engine() -> None:
+        try:
+            await engine.start()
+        except Exception:
+            log.exception("engine failed to start")
+            raise
+        log.info("engine ready: %s (%s, layout %s)", settings.model, layout.family, layout.fingerprint)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        starting = asyncio.create_task(start_engine())  # /healthz answers while vLLM loads
+        try:
+            yield
+        finally:
+            starting.cancel()
+            engine.shutdown()
+            await store.close()
+
+    app = FastAPI(
+        title="mmstore-inference",
+        lifespan=lifespan,
+        description="vLLM that pulls image bytes from mmstore by digest on every request, token-exact.",
+    )
+    app.state.service = service
+
+    def error(exc: InferenceError) -> JSONResponse:
+        metrics.requests.labels(exc.code).inc()
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        log.info("generate error %s: %s", exc.code, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(InferenceError)
+    async def _inference_error(_: Request, exc: InferenceError) -> JSONResponse:
+        return error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(x) for x in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+        return error(InvalidRequest("malformed generate request", errors=errors))
+
+    @app.post(
+        "/v1/generate",
+        tags=["generate"],
+        responses={
+            409: {"description": "placeholder_mismatch, layout_mismatch, descriptor_mismatch"},
+            422: {"description": "invalid_request, missing_asset"},
+            502: {"description": "corrupt_asset"},
+            503: {"description": "store_unavailable, engine_unavailable (Retry-After)"},
+        },
+    )
+    async def generate(req: GenerateRequest) -> GenerateResponse:
+        """Generate from rendered token ids and the descriptors of their images."""
+        try:
+            response = await service.generate(req)
+        except InferenceError:
+            raise
+        except ValueError as exc:  # vLLM's own input validation (e.g. prompt over max_model_len)
+            raise InvalidRequest(f"vLLM refused the request: {exc}") from None
+        except Exception as exc:
+            if not engine.ready:
+                raise EngineUnavailable(f"the vLLM engine failed: {exc!r}") from None
+            raise
+        metrics.requests.labels("ok").inc()
+        return response
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        if not engine.ready:
+            return JSONResponse({"error": {"code": "engine_unavailable", "message": "engine not ready"}}, 503)
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": str(settings.model),
+                "family": layout.family,
+                "fingerprint": layout.fingerprint,
+            }
+        )
+
+    @app.get("/metrics", tags=["health"])
+    def metrics_route() -> Response:
+        # ours, then vLLM's own (prefix/mm cache hits, queue) from the default registry
+        body = generate_latest(metrics.registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app

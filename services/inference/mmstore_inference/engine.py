@@ -1,0 +1,155 @@
+"""vLLM glue: the only module that imports vLLM.
+
+Token exactness. vLLM expands each image placeholder itself, and silently re-expands runs that
+are already expanded. So the service hands vLLM ONE placeholder per image, lets vLLM's own
+renderer (HF processor + expansion) build the engine input first, and compares the expanded ids
+with the request's before anything is sampled (:meth:`Engine.prepare`). The digests are passed
+as ``multi_modal_uuids``: vLLM uses them unhashed as the key of its processor cache, encoder
+cache and prefix-cache hashes, which is safe only because the service verified blake3 of the
+bytes before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mmstore_client.inference import Completion, SamplingOptions
+
+from .settings import InferenceSettings
+
+FORBIDDEN_BIAS = float("-inf")  # logit bias that keeps a token from ever being sampled
+
+
+class EngineRejected(ValueError):
+    """vLLM refused the request itself (a client error: sampling values, prompt length, ...)."""
+
+
+@contextlib.contextmanager
+def _client_errors():
+    """Map vLLM's client-error exceptions to :class:`EngineRejected` (callers never see vLLM types)."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except VLLMClientError as exc:
+        raise EngineRejected(str(exc)) from None
+
+
+@dataclass
+class Prepared:
+    """An engine input built by vLLM's renderer, with the expansion it produced."""
+
+    engine_input: Any
+    expanded_ids: list[int]
+    placeholder_lengths: list[int]
+
+
+@dataclass
+class Generated:
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    cached_prompt_tokens: int | None
+
+
+class Engine:
+    def __init__(self, settings: InferenceSettings) -> None:
+        self.settings = settings
+        self.llm: Any = None
+
+    async def start(self) -> None:
+        """Build the engine in a thread (35-60 s), so the event loop keeps answering /healthz."""
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gib))
+        dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        args = AsyncEngineArgs(
+            model=str(s.model),
+            tokenizer=str(s.model),
+            dtype=dtype,
+            logprobs_mode=s.logprobs_mode,
+            max_model_len=s.max_model_len,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            enforce_eager=s.enforce_eager,
+            limit_mm_per_prompt={"image": s.max_images_per_prompt, "video": 0},
+            seed=s.seed,
+            enable_prefix_caching=True,
+        )
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    async def prepare(self, compact_ids: list[int], images: list[Any], digests: list[str]) -> Prepared:
+        """vLLM's processed input for ``compact_ids`` (one placeholder per image) and images."""
+        from vllm.inputs import TokensPrompt
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        prompt = TokensPrompt(prompt_token_ids=compact_ids)
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+            prompt["multi_modal_uuids"] = {"image": digests}
+        with _client_errors():
+            parsed = parse_model_prompt(self.llm.model_config, prompt)
+            (engine_input,) = await self.llm.renderer.render_cmpl_async([parsed])
+        placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
+        return Prepared(
+            engine_input,
+            list(engine_input["prompt_token_ids"]),
+            [p.length for p in placeholders],
+        )
+
+    def sampling_params(self, options: SamplingOptions, forbidden_ids: set[int]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        bias = None if options.allow_image_tokens else dict.fromkeys(forbidden_ids, FORBIDDEN_BIAS)
+        with _client_errors():
+            return SamplingParams(
+                n=options.n,
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                seed=options.seed,
+                stop_token_ids=options.stop_token_ids or None,
+                logprobs=0 if options.logprobs else None,
+                logit_bias=bias,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                detokenize=False,
+            )
+
+    async def generate(self, prepared: Prepared, params: Any, request_id: str | None = None) -> Generated:
+        final = None
+        with _client_errors():
+            async for output in self.llm.generate(
+                prepared.engine_input, params, request_id or uuid.uuid4().hex
+            ):
+                final = output
+        if final is None:
+            raise RuntimeError("vLLM returned no output")
+        completions = []
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            logprobs = None
+            if out.logprobs is not None:
+                logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs, strict=True)]
+            reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
+            completions.append(
+                Completion(token_ids=list(out.token_ids), logprobs=logprobs, finish_reason=reason)
+            )
+        return Generated(list(final.prompt_token_ids), completions, final.num_cached_tokens)

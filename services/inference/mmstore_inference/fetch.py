@@ -1,0 +1,117 @@
+"""Images by digest for one request: fetched concurrently, verified, decoded, size-checked.
+
+Bytes come through :class:`mmstore_client.AsyncStoreClient` (blake3-verified, bounded byte cache,
+one in-flight fetch per digest across requests). Decoded images are kept in a second bounded
+cache keyed by digest (content-addressed, so never stale) with one decode per digest at a time.
+Nothing is assumed from earlier requests: every request names every image it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+
+from mmstore_client import AsyncStoreClient, IntegrityError, NotFoundError, decode
+from mmstore_client.descriptor import Descriptor
+from mmstore_client.errors import ApiError, TransportError
+from PIL import Image
+
+from .errors import CorruptAsset, DescriptorMismatch, MissingAsset, StoreUnavailable
+
+
+class DecodedCache:
+    """digest -> RGB image, bounded by width*height*3 bytes, least recently used evicted."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Image.Image] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Image.Image | None:
+        with self._lock:
+            img = self._entries.get(digest)
+            if img is not None:
+                self._entries.move_to_end(digest)
+            return img
+
+    def put(self, digest: str, img: Image.Image) -> None:
+        cost = img.width * img.height * 3
+        if cost > self.max_bytes:
+            return
+        with self._lock:
+            if digest in self._entries:
+                return
+            self._entries[digest] = img
+            self._size += cost
+            while self._size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self._size -= old.width * old.height * 3
+
+
+class ImageFetcher:
+    def __init__(self, store: AsyncStoreClient, decoded: DecodedCache) -> None:
+        self.store = store
+        self.decoded = decoded
+        self._decoding: dict[str, asyncio.Future[Image.Image]] = {}
+        self.decoded_hits = 0
+        self.decodes = 0
+
+    async def images(self, descriptors: list[Descriptor]) -> list[Image.Image]:
+        """The decoded images of ``descriptors``, in order; raises the service's errors."""
+        return list(await asyncio.gather(*(self._image(i, d) for i, d in enumerate(descriptors))))
+
+    async def _image(self, index: int, desc: Descriptor) -> Image.Image:
+        img = self.decoded.get(desc.digest)
+        if img is not None:
+            self.decoded_hits += 1
+        else:
+            pending = self._decoding.get(desc.digest)
+            if pending is not None:
+                img = await asyncio.shield(pending)
+            else:
+                future = asyncio.get_running_loop().create_future()
+                self._decoding[desc.digest] = future
+                try:
+                    img = await self._fetch_decode(index, desc.digest)
+                    future.set_result(img)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    future.exception()
+                    raise
+                finally:
+                    del self._decoding[desc.digest]
+        if (img.width, img.height) != (desc.width, desc.height):
+            raise DescriptorMismatch(
+                f"image {index} ({desc.digest}) decodes to {img.width}x{img.height}, "
+                f"its descriptor says {desc.width}x{desc.height}",
+                image=index,
+                digest=desc.digest,
+                expected=[desc.width, desc.height],
+                actual=[img.width, img.height],
+            )
+        return img
+
+    async def _fetch_decode(self, index: int, digest: str) -> Image.Image:
+        try:
+            data = await self.store.get(digest)
+        except NotFoundError:
+            raise MissingAsset(
+                f"image {index}: the store has no blob {digest}", image=index, digest=digest
+            ) from None
+        except IntegrityError as exc:
+            raise CorruptAsset(
+                f"image {index}: bytes served for {digest} hash to {exc.actual}", image=index, digest=digest
+            ) from None
+        except (TransportError, ApiError) as exc:
+            raise StoreUnavailable(f"store unavailable fetching {digest}: {exc}", digest=digest) from None
+        try:
+            img = await asyncio.to_thread(decode.decode_rgb, data)
+        except decode.ImageError as exc:
+            raise CorruptAsset(
+                f"image {index} ({digest}) cannot be decoded: {exc}", image=index, digest=digest
+            ) from None
+        self.decodes += 1
+        self.decoded.put(digest, img)
+        return img

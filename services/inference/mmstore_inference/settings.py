@@ -1,0 +1,40 @@
+"""Configuration of the inference service: flags > ``MMSTORE_INFERENCE_*`` env vars > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class InferenceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MMSTORE_INFERENCE_", extra="ignore", protected_namespaces=()
+    )
+
+    model: Path = Field(description="checkpoint folder (config.json, processor and tokenizer files, weights)")
+    store: str = Field("http://127.0.0.1:8700", description="mmstore URL")
+    store_token: str | None = Field(None, description="bearer token with the read scope")
+    host: str = "127.0.0.1"
+    port: int = 8800
+    # vLLM
+    dtype: str = Field("auto", description="vLLM dtype; auto: float32 on CPU, bfloat16 on GPU")
+    logprobs_mode: str = Field(
+        "processed_logprobs",
+        description="vLLM logprobs_mode: processed_logprobs are those of the distribution sampled from "
+        "(after temperature/top-k/top-p), which is what the trainer's importance ratio compares with",
+    )
+    cpu_kvcache_gib: int = Field(
+        1, ge=1, description="KV cache on CPU (sets VLLM_CPU_KVCACHE_SPACE if unset)"
+    )
+    max_model_len: int = Field(4096, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="on CPU: fraction of RAM")
+    enforce_eager: bool = False
+    max_images_per_prompt: int = Field(16, ge=1)
+    seed: int = 0
+    # caches (content-addressed: never stale)
+    byte_cache_bytes: int = Field(512 << 20, ge=0, description="fetched image bytes kept by digest")
+    decoded_cache_bytes: int = Field(512 << 20, ge=0, description="decoded RGB images kept by digest")
+    # policy
+    forbid_image_tokens: bool = Field(True, description="default for sampling.allow_image_tokens=False")

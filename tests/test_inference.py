@@ -1,0 +1,252 @@
+"""The inference service: real mmstore + real `mmstore-inference serve` (vLLM CPU, tiny Qwen2-VL)."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+from mmstore_client import StoreClient, compute_digest
+from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
+from mmstore_client.offload import offload_messages
+from mmstore_client.render import Renderer
+from support import image_bytes, noise_png
+
+pytestmark = pytest.mark.slow
+RUN = "inference-tests"
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(text: str, *images: bytes) -> dict:
+    return {
+        "role": "user",
+        "content": [
+            *({"type": "image_url", "image_url": {"url": data_uri(i)}} for i in images),
+            {"type": "text", "text": text},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def client(store, inference, tiny_qwen2_vl):
+    store_client = StoreClient(store.url)
+    renderer = Renderer.from_pretrained(tiny_qwen2_vl, store_client.get)
+    with InferenceClient(inference.url) as inf:
+        yield store_client, renderer, inf
+    store_client.close()
+
+
+def render(client, messages):
+    store_client, renderer, _ = client
+    return renderer.render(offload_messages(messages, store_client, RUN))
+
+
+def generate(client, rendered, **sampling) -> httpx.Response:
+    body = GenerateRequest(
+        prompt_token_ids=rendered.token_ids,
+        descriptors=rendered.descriptors,
+        sampling=SamplingOptions(**({"max_tokens": 8, "temperature": 0.0} | sampling)),
+    )
+    return httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=300)
+
+
+def test_single_and_multi_image_token_exact(client):
+    for images in (
+        [image_bytes(100, 140, seed=1)],
+        [image_bytes(100, 140, seed=2), image_bytes(300, 200, seed=3)],
+    ):
+        rendered = render(client, [user("What is this?", *images)])
+        r = generate(client, rendered)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["prompt_token_ids"] == rendered.token_ids
+        (sample,) = body["samples"]
+        assert len(sample["token_ids"]) == len(sample["logprobs"]) <= 8
+        assert sample["finish_reason"] in ("stop", "length")
+
+
+def test_greedy_is_deterministic_and_n_samples(client):
+    rendered = render(client, [user("Count.", image_bytes(64, 64, seed=4))])
+    a, b = generate(client, rendered).json(), generate(client, rendered).json()
+    assert a["samples"][0]["token_ids"] == b["samples"][0]["token_ids"]
+    r = generate(client, rendered, n=4, temperature=1.0, seed=7).json()
+    assert len(r["samples"]) == 4
+    assert len({tuple(s["token_ids"]) for s in r["samples"]}) > 1, "4 sampled completions should differ"
+    for s in r["samples"]:
+        assert all(lp <= 0 for lp in s["logprobs"])
+
+
+def test_five_turn_conversation_fetches_each_image_once(client, store):
+    store_client, renderer, inf = client
+    before = httpx.get(f"{inf.url}/metrics").text
+    fetches_before = _metric(before, "mmstore_inference_store_fetches")
+    images = [noise_png(4000, seed=100 + i) for i in range(5)]
+    messages = [user("turn 0", images[0])]
+    rendered = renderer.render(offload_messages(messages, store_client, RUN))
+    cached = []
+    for turn in range(5):
+        resp = inf.generate(
+            GenerateRequest(
+                prompt_token_ids=rendered.token_ids,
+                descriptors=rendered.descriptors,
+                sampling=SamplingOptions(max_tokens=6, temperature=0.0),
+            )
+        )
+        assert resp.prompt_token_ids == rendered.token_ids
+        cached.append(resp.usage.cached_prompt_tokens or 0)
+        completion = resp.samples[0].token_ids
+        after = rendered.extend(completion, assistant=True)
+        after.messages.append({"role": "assistant", "content": renderer.tokenizer.decode(completion)})
+        if turn < 4:
+            # later turns re-send an earlier image next to a new one
+            new = offload_messages([user(f"turn {turn + 1}", images[turn + 1], images[0])], store_client, RUN)
+            rendered = renderer.bridge(after, new)
+    after_metrics = httpx.get(f"{inf.url}/metrics").text
+    assert _metric(after_metrics, "mmstore_inference_store_fetches") - fetches_before == 5, (
+        "one fetch per digest"
+    )
+    assert max(cached[1:]) >= 128, f"vLLM's prefix cache should serve earlier turns: {cached}"
+    assert "vllm:prefix_cache_hits" in after_metrics
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+# -- errors, provoked for real; the service keeps serving after each -----------------------
+
+
+def _code(r: httpx.Response) -> str:
+    return r.json()["error"]["code"]
+
+
+def _still_serving(client):
+    r = generate(client, render(client, [user("still there?", image_bytes(32, 32, seed=9))]))
+    assert r.status_code == 200, r.text
+
+
+def test_missing_asset(client):
+    rendered = render(client, [user("x", image_bytes(40, 40, seed=10))])
+    desc = rendered.descriptors[0].model_copy(update={"digest": compute_digest(b"never stored")})
+    body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=[desc])
+    r = httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=60)
+    assert r.status_code == 422 and _code(r) == "missing_asset"
+    assert r.json()["error"]["digest"] == desc.digest
+    _still_serving(client)
+
+
+def test_placeholder_mismatch_named(client):
+    rendered = render(client, [user("x", image_bytes(100, 140, seed=11))])
+    ids = list(rendered.token_ids)
+    span = rendered.image_spans[0]
+    del ids[span.start]  # one placeholder short
+    body = GenerateRequest(prompt_token_ids=ids, descriptors=rendered.descriptors)
+    r = httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=60)
+    assert r.status_code == 409 and _code(r) == "placeholder_mismatch"
+    err = r.json()["error"]
+    assert (err["image"], err["expected"], err["actual"]) == (0, span.length, span.length - 1)
+    _still_serving(client)
+
+
+def test_layout_and_descriptor_mismatch(client):
+    rendered = render(client, [user("x", image_bytes(100, 140, seed=12))])
+    desc = rendered.descriptors[0]
+    wrong_fp = desc.model_copy(update={"fingerprint": "ffffffffffffffff"})
+    body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=[wrong_fp])
+    r = httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=60)
+    assert r.status_code == 409 and _code(r) == "layout_mismatch"
+    # a descriptor claiming another size with the same token count: the decoded size gives it away
+    swapped = desc.model_copy(update={"width": 101})
+    body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=[swapped])
+    r = httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=60)
+    assert r.status_code == 409 and _code(r) in ("descriptor_mismatch", "layout_mismatch")
+    _still_serving(client)
+
+
+def test_malformed_and_processed_payloads(client):
+    r = httpx.post(f"{client[2].url}/v1/generate", json={"prompt_token_ids": "nope"}, timeout=60)
+    assert r.status_code == 422 and _code(r) == "invalid_request"
+    rendered = render(client, [user("x", image_bytes(40, 40, seed=13))])
+    body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=rendered.descriptors).model_dump(
+        mode="json"
+    )
+    body["descriptors"][0]["pixel_values"] = [[0.5]]
+    r = httpx.post(f"{client[2].url}/v1/generate", json=body, timeout=60)
+    assert r.status_code == 422 and "processed image payload" in r.text
+    _still_serving(client)
+
+
+def test_image_tokens_are_never_sampled_by_default(client):
+    _, renderer, _ = client
+    rendered = render(client, [user("x", image_bytes(40, 40, seed=14))])
+    r = generate(client, rendered, max_tokens=64, temperature=2.0, seed=1, n=4).json()
+    too_hot = generate(client, rendered, temperature=5.0)
+    assert too_hot.status_code == 422 and _code(too_hot) == "invalid_request"
+    markup = set(
+        renderer.tokenizer.encode("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)
+    )
+    for s in r["samples"]:
+        assert not markup & set(s["token_ids"])
+
+
+def test_health_ready_metrics(client):
+    url = client[2].url
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["family"] == "qwen2_vl" and ready["status"] == "ready"
+    m = httpx.get(f"{url}/metrics").text
+    assert "mmstore_inference_requests_total" in m and "mmstore_inference_fetch_seconds" in m
+    assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/generate"]
+
+
+def test_image_tokens_sampled_when_allowed(client):
+    """The ban above is what keeps them out: allowed, the random tiny policy does sample them."""
+    _, renderer, _ = client
+    rendered = render(client, [user("x", image_bytes(40, 40, seed=14))])
+    r = generate(
+        client, rendered, max_tokens=64, temperature=2.0, seed=1, n=4, allow_image_tokens=True
+    ).json()
+    markup = set(
+        renderer.tokenizer.encode("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)
+    )
+    assert any(markup & set(s["token_ids"]) for s in r["samples"])
+
+
+def test_corrupt_asset_when_store_serves_rotten_bytes(client, store):
+    from pathlib import Path
+
+    from mmstore_client.digest import digest_hex
+
+    rendered = render(client, [user("x", noise_png(3000, seed=15))])
+    digest = rendered.descriptors[0].digest
+    root = Path(store.argv[store.argv.index("--root") + 1])
+    h = digest_hex(digest)
+    blob = root / "blobs" / h[:2] / h[2:4] / h
+    data = blob.read_bytes()
+    blob.chmod(0o644)
+    blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    try:
+        r = generate(client, rendered)
+        assert r.status_code == 502 and _code(r) == "corrupt_asset", r.text
+        assert r.json()["error"]["digest"] == digest
+    finally:
+        blob.write_bytes(data)
+    assert generate(client, rendered).status_code == 200, "verified bytes are accepted again"
+
+
+def test_store_unavailable_then_recovers(client, store):
+    rendered = render(client, [user("x", noise_png(3000, seed=16))])
+    store.kill()
+    try:
+        r = generate(client, rendered)
+        assert r.status_code == 503 and _code(r) == "store_unavailable"
+        assert r.headers["retry-after"]
+    finally:
+        store.start()
+    assert generate(client, rendered).status_code == 200
