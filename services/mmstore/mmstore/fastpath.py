@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from .auth import Authorizer
 from .blob_read import BlobReader
@@ -27,6 +28,9 @@ class BlobFastPath:
         self.reader = reader
         self.authorizer = authorizer
         self.metrics = metrics
+        # labelled children cached: labels() costs more than the increment it guards
+        self._latency = metrics.latency.labels(_ROUTE)
+        self._requests: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope, receive, send):
         if (
@@ -65,5 +69,11 @@ class BlobFastPath:
             }
         )
         await send({"type": "http.response.body", "body": b"" if head else body})
-        self.metrics.bytes_out.inc(0 if head else len(body))
-        self.metrics.observe(_ROUTE, scope["method"], status, started)
+        if not head:
+            self.metrics.bytes_out.inc(len(body))
+        key = (scope["method"], status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.metrics.requests.labels(_ROUTE, key[0], str(status))
+        counter.inc()
+        self._latency.observe(time.perf_counter() - started)

@@ -71,12 +71,15 @@ class LocalStorage(Storage):
         self.root = Path(root)
         self.fsync = fsync
         self.blob_dir = self.root / "blobs"
+        self._blob_dir_str = str(self.blob_dir)
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         for d in (self.blob_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "index.sqlite3"
         self._local = threading.local()
+        # threads of this process queue here rather than in SQLite's sleeping busy handler
+        self._write_lock = threading.Lock()
         self._db().executescript(_SCHEMA)
         self._remove_dead_temp_files()
 
@@ -94,13 +97,14 @@ class LocalStorage(Storage):
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction (across threads and processes)."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def blob_path(self, digest: str) -> Path:
         h = digest_hex(digest)
@@ -152,9 +156,6 @@ class LocalStorage(Storage):
 
     # -- Storage ------------------------------------------------------------------------
     def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
-        existing = self.link_existing(run, digest)
-        if existing is not None:
-            return PutResult(existing, created=False)
         tmp = self._write_temp(data)
         try:
             with self._write() as db:
@@ -178,6 +179,8 @@ class LocalStorage(Storage):
         return PutResult(info, created=created)
 
     def link_existing(self, run: str, digest: str) -> BlobInfo | None:
+        if self.info(digest) is None:  # common case for new uploads: no write lock taken
+            return None
         with self._write() as db:
             row = db.execute(f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE digest = ?", (digest,)).fetchone()
             if row is None or not self.blob_path(digest).exists():
@@ -191,10 +194,20 @@ class LocalStorage(Storage):
         return _blob(row) if row else None
 
     def read(self, digest: str, start: int, length: int) -> bytes:
-        with open(self.blob_path(digest), "rb") as f:
-            if start:
-                f.seek(start)
-            return f.read(length)
+        # os.open + pread: a quarter less CPU per small GET than open()/seek()/read() (bench/)
+        h = digest_hex(digest)
+        fd = os.open(f"{self._blob_dir_str}/{h[:2]}/{h[2:4]}/{h}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            parts, got = [], 0
+            while got < length:
+                chunk = os.pread(fd, length - got, start + got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            os.close(fd)
 
     def missing(self, digests: list[str]) -> list[str]:
         db = self._db()

@@ -1,0 +1,707 @@
+"""mmstore vs nginx, side by side in one run: blob GET and verified PUT throughput.
+
+Run: ``.venv/bin/python bench/store_bench.py`` (or ``make bench``). Installs nginx and wrk with
+apt-get when they are missing, generates incompressible random-noise PNGs (~100 KB and ~2 MB),
+serves the same files from nginx (1 worker, sendfile) and from ``mmstore serve`` subprocesses
+(fresh temporary roots on free ports), drives every case with ``wrk -t1 -c16 --latency`` and a
+Lua script, prints the table and rewrites the ``## Store`` section of ``bench/RESULTS.md``
+(only the text between the ``store_bench`` markers; other sections are kept).
+
+GET: 64 distinct blobs per size, the Lua script rotates over their URLs; nginx serves the same
+bytes from a root laid out with the same paths (``/v1/blobs/blake3:<hex>``).
+PUT: every request uploads a DISTINCT pre-generated image under its digest (digest check, full
+decode, fsync): new blobs, no dedup hits (checked by counting the blobs on disk afterwards). The
+dedup path (re-uploading stored bytes) is its own row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "clients"))  # mmstore_client, if the venv lacks it
+from mmstore_client.digest import compute_digest  # noqa: E402
+
+console = Console(width=None if sys.stdout.isatty() else 170)
+START_MARK = "<!-- store_bench:start -->"
+END_MARK = "<!-- store_bench:end -->"
+RUN = "bench"
+GET_TARGET = 0.5  # mmstore GET req/s >= 50% of nginx's
+PUT_TARGET_MBPS = 200.0  # PUT of 2 MB images >= 200 MB/s
+
+# (label, width, height): RGB, 3 bytes a pixel, plus one filter byte a row.
+SIZES = {"100KB": (185, 185), "2MB": (836, 836)}
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _chunk(kind: bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return [struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)]
+
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    """A valid RGB PNG of random noise: incompressible, distinct for each seed.
+
+    Written directly (PIL's encoder spends ~80 ms per 2 MB trying to compress noise): random
+    filtered rows with filter types 0/1/2/4 in the proportions PIL's adaptive filter picks for
+    noise (so decoding costs what it costs for a PIL-encoded image: every row is unfiltered),
+    stored deflate blocks (what any encoder ends with on noise), IDAT split in 64 KB chunks as
+    PIL writes it.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.frombuffer(bytearray(rng.bytes(height * (width * 3 + 1))), np.uint8).reshape(height, -1)
+    rows[:, 0] = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=height, p=[0.29, 0.27, 0.26, 0.18])
+    z = memoryview(zlib.compress(rows, 0))
+    parts: list[bytes | memoryview] = [b"\x89PNG\r\n\x1a\n"]
+    parts += _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    for i in range(0, len(z), 65536):
+        parts += _chunk(b"IDAT", z[i : i + 65536])
+    parts += _chunk(b"IEND", b"")
+    return b"".join(parts)
+
+
+@dataclass
+class ImageSet:
+    name: str
+    size_label: str
+    manifest: Path  # lines "<digest> <file>"
+    digests: list[str]
+    files: list[Path]
+    nbytes: int  # total
+
+    @property
+    def mean_size(self) -> float:
+        return self.nbytes / len(self.digests)
+
+
+def make_set(directory: Path, name: str, size_label: str, count: int, seed_base: int) -> ImageSet:
+    directory.mkdir(parents=True, exist_ok=True)
+    w, h = SIZES[size_label]
+    digests, files, total = [], [], 0
+    for i in range(count):
+        data = noise_png(w, h, seed_base + i)
+        d = compute_digest(data)
+        f = directory / d.split(":", 1)[1]
+        f.write_bytes(data)
+        digests.append(d)
+        files.append(f)
+        total += len(data)
+    if len(set(digests)) != count:
+        raise RuntimeError(f"{name}: duplicate images generated")
+    manifest = directory.parent / f"{name}.manifest"
+    manifest.write_text("".join(f"{d} {f}\n" for d, f in zip(digests, files, strict=True)))
+    return ImageSet(name, size_label, manifest, digests, files, total)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def ensure_tools() -> None:
+    missing = [pkg for pkg in ("nginx", "wrk") if not shutil.which(pkg)]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    if sudo and not shutil.which("sudo"):
+        raise SystemExit(
+            f"missing {missing} and not root: install them with apt-get install -y {' '.join(missing)}"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = [*sudo, "apt-get", "install", "-y", *missing]
+    console.print(f"[yellow]missing {', '.join(missing)}: running[/] {shlex.join(install)}")
+    if subprocess.run(install, env=env).returncode != 0:
+        update = [*sudo, "apt-get", "update"]
+        console.print(f"[yellow]install failed; running[/] {shlex.join(update)} [yellow]and retrying[/]")
+        subprocess.run(update, env=env, check=True)
+        subprocess.run(install, env=env, check=True)
+    still = [pkg for pkg in missing if not shutil.which(pkg) and not Path("/usr/sbin", pkg).exists()]
+    if still:
+        raise SystemExit(f"could not install {still}")
+
+
+def nginx_bin() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Servers this script started, each in its own session (process group); all stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)  # the group: uvicorn's workers, nginx's worker
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)  # leftovers of the group (a worker whose parent died first)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(self.procs):
+            self.stop(p)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    default_type application/octet-stream;
+    keepalive_requests 100000000;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def mmstore_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "mmstore"
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from mmstore.cli import app; app()"]
+
+
+# --------------------------------------------------------------------------- wrk
+
+LUA_COMMON = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+issued = 0
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do n = n + (t:get("issued") or 0) end
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "bytes": %d, "issued": %d, '
+    .. '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, '
+    .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d}\\n',
+    summary.requests, summary.duration, summary.bytes, n,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+# GET: requests pre-formatted once, rotating over the set's URLs.
+LUA_GET = (
+    LUA_COMMON
+    + """
+local reqs = {}
+local i = 0
+function init(args)
+  for line in io.lines(args[1]) do
+    local digest = line:match("^(%S+)")
+    reqs[#reqs + 1] = wrk.format("GET", "/v1/blobs/" .. digest)
+  end
+end
+function request()
+  i = i % #reqs + 1
+  issued = issued + 1
+  return reqs[i]
+end
+"""
+)
+
+# PUT: the next image of the manifest under its own digest; bodies read from (tmpfs) files per
+# request, so the set may be larger than LuaJIT's heap. Wraps (dedup hits) only if exhausted.
+LUA_PUT = (
+    LUA_COMMON
+    + """
+local digests, files = {}, {}
+local i = 0
+local run = "bench"
+local headers = {["Content-Type"] = "application/octet-stream"}
+function init(args)
+  for line in io.lines(args[1]) do
+    local d, f = line:match("^(%S+) (.+)$")
+    digests[#digests + 1] = d
+    files[#files + 1] = f
+  end
+  run = args[2] or run
+end
+function request()
+  i = i % #files + 1
+  issued = issued + 1
+  local fh = assert(io.open(files[i], "rb"))
+  local body = fh:read("*a")
+  fh:close()
+  return wrk.format("PUT", "/v1/runs/" .. run .. "/blobs/" .. digests[i], headers, body)
+end
+"""
+)
+
+
+@dataclass
+class Result:
+    server: str
+    op: str
+    size: str
+    req_s: float
+    mb_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    note: str = ""
+    ratio: float | None = None
+    target: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Wrk:
+    def __init__(
+        self, tmp: Path, imgs: Path, threads: int, connections: int, duration: float, timeout: str
+    ) -> None:
+        self.tmp, self.imgs = tmp, imgs
+        self.threads, self.connections, self.duration, self.timeout = threads, connections, duration, timeout
+        (tmp / "get.lua").write_text(LUA_GET)
+        (tmp / "put.lua").write_text(LUA_PUT)
+        self.commands: list[str] = []
+
+    def run(
+        self, url: str, script: str, args: list[str], duration: float | None = None, record: bool = True
+    ) -> dict:
+        d = duration or self.duration
+        cmd = [
+            "wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{max(1, round(d))}s",
+            "--latency", "--timeout", self.timeout, "-s", str(self.tmp / script), url, "--", *args,
+        ]  # fmt: skip
+        if record:
+            self.commands.append(
+                shlex.join(cmd).replace(str(self.tmp), "$TMP").replace(str(self.imgs), "$IMG")
+            )
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return json.loads(line[len("WRKJSON ") :])
+
+
+def to_result(server: str, op: str, s: ImageSet, w: dict, note: str = "") -> Result:
+    secs = w["duration_us"] / 1e6
+    errors = sum(w["errors"].values())
+    return Result(
+        server=server,
+        op=op,
+        size=s.size_label,
+        req_s=w["requests"] / secs,
+        mb_s=w["requests"] * s.mean_size / secs / 1e6,
+        p50_ms=w["p50_us"] / 1e3,
+        p99_ms=w["p99_us"] / 1e3,
+        requests=w["requests"],
+        errors=errors,
+        note=note,
+        extra=w,
+    )
+
+
+def count_blobs(root: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(root / "blobs"))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": tool_version([nginx_bin(), "-v"]).replace("nginx version: ", ""),
+        "wrk": tool_version(["wrk", "-v"]).split(" [")[0],
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def fmt_ratio(r: Result) -> str:
+    return f"{r.ratio:.0%}" if r.ratio is not None else ""
+
+
+def console_table(results: list[Result]) -> Table:
+    t = Table(title="mmstore vs nginx (wrk, loopback)")
+    for col in ("server", "op", "size", "req/s", "MB/s", "p50 ms", "p99 ms", "vs nginx", "target", "note"):
+        t.add_column(col, justify="right" if col not in ("server", "op", "note", "target") else "left")
+    for r in results:
+        t.add_row(
+            r.server, r.op, r.size, f"{r.req_s:,.0f}", f"{r.mb_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+            fmt_ratio(r), r.target, r.note,
+        )  # fmt: skip
+    return t
+
+
+def markdown(results: list[Result], info: dict, settings: dict) -> str:
+    lines = [
+        "## Store",
+        "",
+        "mmstore vs nginx serving the same files, measured side by side in one run of "
+        "`bench/store_bench.py` (`make bench`); loopback, wrk and the servers share the machine's "
+        "cores. MB/s counts image payload bytes (10^6 B), not headers. Targets (issue): GET >= 50% "
+        "of nginx's req/s, PUT of 2 MB images >= 200 MB/s.",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, Linux "
+        f"{info['kernel']}, Python {info['python']}, {info['nginx']}, {info['wrk']}. "
+        f"Date: {info['date']}. Load average before/after: {settings['load_before']} / "
+        f"{settings['load_after']} (shared machine: other processes may compete for the cores).",
+        "",
+        "| server | op | size | req/s | MB/s | p50 ms | p99 ms | vs nginx req/s | target | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.op} | {r.size} | {r.req_s:,.0f} | {r.mb_s:,.0f} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {fmt_ratio(r)} | {r.target} | {r.note} |"
+        )
+    lines += [
+        "",
+        "Settings:",
+        "",
+        f"- Images: random-noise RGB PNGs, {settings['sizes']}; {settings['get_images']} distinct "
+        "images per size for GET (the Lua script rotates over their URLs; nginx serves the same "
+        "bytes at the same paths). Rows of filter types 0/1/2/4 in PIL's adaptive proportions, "
+        "stored deflate, 64 KB IDAT chunks: every upload is fully decoded at about the cost of a "
+        "PIL-encoded noise image.",
+        f"- PUT: {settings['put_desc']}; each request uploads a distinct image under its digest "
+        "(`PUT /v1/runs/bench/blobs/blake3:<hex>`: digest check, full decode, fsync of blob, "
+        "directory and SQLite index): new blobs, counted on disk after each case. The dedup row "
+        "re-uploads bytes already stored (digest check + link, no decode, no blob write).",
+        f"- wrk: {settings['wrk']}, {settings['warmup']} s warm-up per GET case (not counted). "
+        "p50/p99 are wrk's (`--latency`).",
+        f"- nginx: `{settings['nginx_cmd']}` with worker_processes 1, sendfile on, access_log off, "
+        "keepalive_requests 100000000, default_type application/octet-stream.",
+        f"- mmstore: `{settings['mmstore_cmd']}` with a fresh temporary root on the same disk "
+        "(`MMSTORE_FSYNC=true`); `w1`/`w2` = `MMSTORE_WORKERS=1`/`2`, `no-fastpath` = "
+        "`MMSTORE_FAST_BLOB_PATH=false` (GET through FastAPI's route).",
+        "- Commands (`$TMP`: the run's temporary directory on disk, `$IMG`: its image directory on tmpfs):",
+        "",
+        "```",
+        *settings["commands"],
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, section: str) -> None:
+    block = f"{START_MARK}\n{section}{END_MARK}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if START_MARK in text and END_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- main
+
+
+@app.command()
+def main(
+    duration: Annotated[float, typer.Option(help="seconds per measured case")] = 5.0,
+    warmup: Annotated[float, typer.Option(help="seconds of warm-up per GET case (0: none)")] = 1.0,
+    connections: Annotated[int, typer.Option(help="wrk connections")] = 16,
+    threads: Annotated[int, typer.Option(help="wrk threads")] = 1,
+    get_images: Annotated[int, typer.Option(help="distinct images per size for GET")] = 64,
+    put_small: Annotated[int, typer.Option(help="distinct ~100 KB images for PUT")] = 4000,
+    put_large: Annotated[int, typer.Option(help="distinct ~2 MB images for PUT")] = 800,
+    put_workers: Annotated[str, typer.Option(help="MMSTORE_WORKERS values to measure PUT with")] = "1,2",
+    output: Annotated[Path, typer.Option(help="results file (section between the markers)")] = ROOT
+    / "bench"
+    / "RESULTS.md",
+    write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
+    keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directories")] = False,
+) -> None:
+    """Measure mmstore vs nginx (GET) and mmstore's verified PUT; print and record the table."""
+
+    def on_term(signum, frame):  # SIGTERM/SIGHUP: unwind through the finally blocks
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    t_start = time.monotonic()
+    ensure_tools()
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="mmstore-bench-"))  # servers' roots: the real disk
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    imgs = Path(tempfile.mkdtemp(prefix="mmstore-bench-img-", dir=shm))  # PUT bodies: tmpfs
+    load_before = loadavg()
+    results: list[Result] = []
+    try:
+        # ---- images
+        t0 = time.monotonic()
+        get_sets = {
+            s: make_set(tmp / "images" / s, f"get-{s}", s, get_images, 1_000_000 * k)
+            for k, s in enumerate(SIZES, 1)
+        }
+        put_sets = {
+            "100KB": make_set(imgs / "put-100KB", "put-100KB", "100KB", put_small, 10_000_000),
+            "2MB": make_set(imgs / "put-2MB", "put-2MB", "2MB", put_large, 20_000_000),
+        }
+        # nginx root: the same bytes at the same paths as mmstore's URLs
+        nroot = tmp / "nginx-root"
+        (nroot / "v1" / "blobs").mkdir(parents=True, exist_ok=True)
+        for s in get_sets.values():
+            for d, f in zip(s.digests, s.files, strict=True):
+                os.link(f, nroot / "v1" / "blobs" / d)
+        console.print(
+            f"images: {get_images}/size for GET, {put_small} x {put_sets['100KB'].mean_size / 1e3:.0f} KB "
+            f"+ {put_large} x {put_sets['2MB'].mean_size / 1e6:.2f} MB for PUT in {imgs} "
+            f"({time.monotonic() - t0:.1f}s)"
+        )
+
+        wrk = Wrk(tmp, imgs, threads, connections, duration, "30s")
+
+        def measure_get(server: str, base: str) -> dict[str, Result]:
+            out = {}
+            for s in get_sets.values():
+                if warmup > 0:
+                    wrk.run(base, "get.lua", [str(s.manifest)], duration=warmup, record=False)
+                w = wrk.run(base, "get.lua", [str(s.manifest)])
+                r = to_result(server, "GET", s, w)
+                out[s.size_label] = r
+                results.append(r)
+                console.print(
+                    f"  {server} GET {s.size_label}: {r.req_s:,.0f} req/s {r.mb_s:,.0f} MB/s "
+                    f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms errors {r.errors}"
+                )
+            return out
+
+        # ---- nginx
+        port = free_port()
+        conf = tmp / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                user="user root;\n" if os.geteuid() == 0 else "", tmp=tmp, port=port, root=nroot
+            )
+        )
+        nginx_cmd = [nginx_bin(), "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
+        console.print(f"[bold]nginx[/] on :{port}")
+        p = procs.start(nginx_cmd, tmp / "nginx.log")
+        wait_http(f"http://127.0.0.1:{port}/", p, tmp / "nginx.log")
+        nginx = measure_get("nginx", f"http://127.0.0.1:{port}")
+        procs.stop(p)
+
+        # ---- mmstore configurations
+        configs = [
+            # (label, workers, fast path, measure PUT, dedup row)
+            ("mmstore w1", 1, True, "1" in put_workers.split(","), True),
+            ("mmstore w2", 2, True, "2" in put_workers.split(","), False),
+            ("mmstore w1 no-fastpath", 1, False, False, False),
+        ]
+        for label, workers, fast, do_put, do_dedup in configs:
+            port = free_port()
+            root = tmp / f"root-{workers}-{int(fast)}"
+            env = dict(
+                os.environ,
+                MMSTORE_WORKERS=str(workers),
+                MMSTORE_FAST_BLOB_PATH=str(fast).lower(),
+                MMSTORE_FSYNC="true",
+            )
+            for k in ("MMSTORE_TOKENS", "MMSTORE_TOKENS_FILE"):
+                env.pop(k, None)
+            cmd = [*mmstore_cmd(), "serve", "--port", str(port), "--root", str(root)]
+            console.print(f"[bold]{label}[/] on :{port} (workers={workers}, fast_blob_path={fast})")
+            log = tmp / f"mmstore-{workers}-{int(fast)}.log"
+            p = procs.start(cmd, log, env=env)
+            base = f"http://127.0.0.1:{port}"
+            wait_http(f"{base}/healthz", p, log)
+
+            if do_put:
+                for s in put_sets.values():
+                    before = count_blobs(root)
+                    w = wrk.run(base, "put.lua", [str(s.manifest), RUN])
+                    created = count_blobs(root) - before
+                    r = to_result(label, "PUT new", s, w)
+                    dedup = max(0, w["issued"] - len(s.digests))
+                    r.note = f"{created} new blobs"
+                    if dedup:
+                        flag = "--put-small" if s.size_label == "100KB" else "--put-large"
+                        r.note += f"; set exhausted: ~{dedup} dedup hits (raise {flag})"
+                    if created < r.requests - r.errors:
+                        r.note += f"; only {created} of {r.requests} were new"
+                    if s.size_label == "2MB":
+                        r.target = "met" if r.mb_s >= PUT_TARGET_MBPS else "not met"
+                        r.target += f" (>= {PUT_TARGET_MBPS:.0f} MB/s)"
+                    results.append(r)
+                    console.print(
+                        f"  {label} PUT {s.size_label}: {r.req_s:,.0f} req/s {r.mb_s:,.0f} MB/s "
+                        f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms errors {r.errors}; {r.note}"
+                    )
+
+            # the GET sets, uploaded once
+            with httpx.Client(base_url=base, timeout=60) as c:
+                for s in get_sets.values():
+                    for d, f in zip(s.digests, s.files, strict=True):
+                        resp = c.put(f"/v1/runs/{RUN}/blobs/{d}", content=f.read_bytes())
+                        if resp.status_code not in (200, 201):
+                            raise RuntimeError(f"upload failed: {resp.status_code} {resp.text[:300]}")
+            got = measure_get(label, base)
+            for size, r in got.items():
+                r.ratio = r.req_s / nginx[size].req_s
+                r.target = ("met" if r.ratio >= GET_TARGET else "not met") + f" (>= {GET_TARGET:.0%})"
+                r.note = f"workers={workers}, fast path {'on' if fast else 'off'}"
+
+            if do_dedup:
+                for s in get_sets.values():
+                    before = count_blobs(root)
+                    w = wrk.run(base, "put.lua", [str(s.manifest), RUN + "-dedup"])
+                    r = to_result(label, "PUT dedup", s, w, note="bytes already stored (digest + link)")
+                    if count_blobs(root) != before:
+                        r.note += "; NEW BLOBS appeared?"
+                    results.append(r)
+                    console.print(
+                        f"  {label} PUT dedup {s.size_label}: {r.req_s:,.0f} req/s {r.mb_s:,.0f} MB/s "
+                        f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms errors {r.errors}"
+                    )
+            for r in results:
+                if r.server == label and r.errors and "errors" not in r.note:
+                    r.note += f"; {r.errors} errors (non-2xx/socket)"
+            procs.stop(p)
+            shutil.rmtree(root, ignore_errors=True)
+
+        # ---- report
+        order = {"GET": 0, "PUT new": 1, "PUT dedup": 2}
+        results.sort(key=lambda r: (order[r.op], r.size != "100KB", r.server != "nginx"))
+        console.print(console_table(results))
+        settings = {
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "sizes": ", ".join(
+                f"{k} = {w}x{h} ({get_sets[k].mean_size / 1e3:,.0f} kB)" for k, (w, h) in SIZES.items()
+            ),
+            "get_images": get_images,
+            "put_desc": f"{put_small} distinct ~100 KB and {put_large} distinct ~2 MB images pre-generated "
+            f"on tmpfs (the Lua script reads one per request), {duration:g} s per case, "
+            f"MMSTORE_WORKERS in {{{put_workers}}}",
+            "wrk": f"`wrk -t{threads} -c{connections} -d{max(1, round(duration))}s --latency --timeout 30s`",
+            "warmup": f"{warmup:g}",
+            "nginx_cmd": "nginx -p $TMP -e $TMP/nginx-error.log -c $TMP/nginx.conf (daemon off)",
+            "mmstore_cmd": "MMSTORE_WORKERS=N MMSTORE_FAST_BLOB_PATH=true|false "
+            f"{Path(mmstore_cmd()[0]).name if len(mmstore_cmd()) == 1 else 'python -m mmstore.cli'} "
+            "serve --port PORT --root $TMP/root",
+            "commands": wrk.commands,
+        }
+        info = machine()
+        if write:
+            write_results(output, markdown(results, info, settings))
+            console.print(f"wrote the Store section of {output}")
+        console.print(f"done in {time.monotonic() - t_start:.0f}s")
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    finally:
+        procs.stop_all()
+        if keep_tmp:
+            console.print(f"kept {tmp} and {imgs}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(imgs, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app()
