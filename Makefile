@@ -15,6 +15,15 @@ install: ## create .venv with every workspace member, its entry points and the d
 test: install ## install what is needed and run the test suite
 	$(VENV)/bin/pytest
 
+smoke: install ## the main job: start the local stack, run the multi-turn RL loop, train, summarize
+	$(VENV)/bin/mmstore-smoke run
+
+up: install ## start mmstore and the inference service in the background (tiny model by default)
+	$(VENV)/bin/mmstore-smoke up
+
+down: ## stop what `make up` started
+	$(VENV)/bin/mmstore-smoke down
+
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -23,6 +32,7 @@ bench: install ## run the benchmarks and rewrite bench/RESULTS.md
 	$(PY) bench/store_bench.py
 
 compose-config: ## validate docker-compose.yml (needs docker-compose)
-	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} docker-compose -f docker-compose.yml config --quiet
+	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} MODEL_DIR=$${MODEL_DIR:-/models/checkpoint} \
+		docker-compose -f docker-compose.yml config --quiet
 
-.PHONY: help install test lint bench compose-config
+.PHONY: help install test smoke up down lint bench compose-config
