@@ -101,3 +101,22 @@ def test_sample_checks_lengths_and_spans():
         sample(loss_mask=[True] * 30)
     with pytest.raises(ValidationError, match="processed image payload"):
         Sample.model_validate(s.model_dump() | {"meta": {"pixel_values": 1}})
+
+
+def test_every_layout_config_fits_a_descriptor():
+    from mmstore_client.layouts import from_config, known_model_types
+
+    for model_type in known_model_types():
+        try:
+            layout = from_config(model_type)
+        except Exception:
+            layout = from_config(model_type, num_image_tokens=729)  # LLaVA-OneVision needs it
+        placement = layout.place(640, 480)
+        d = descriptor(
+            family=layout.family,
+            layout=layout.config.model_dump(mode="json"),
+            fingerprint=layout.fingerprint,
+            grid=placement.grid,
+            num_tokens=placement.num_tokens,
+        )
+        assert Descriptor.model_validate_json(d.model_dump_json()) == d

@@ -806,6 +806,47 @@ def test_from_pretrained_errors(tmp_path, files: dict[str, Any], message: str) -
         layouts.from_pretrained(tmp_path)
 
 
+MEDIA_PROC_CFGS = [
+    {"patch_size": 14, "merge_kernel_size": [2, 2], "in_patch_limit": 16384, "patch_limit_on_one_side": 512},
+    {"patch_size": 14, "merge_kernel_size": 2, "in_patch_limit": 4096, "patch_limit_on_one_side": 64},
+]
+
+
+@pytest.mark.parametrize("media", MEDIA_PROC_CFGS)
+def test_kimi_reads_moonshot_media_proc_cfg(tmp_path, media: dict[str, Any]) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_k25"}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"media_proc_cfg": media}))
+    config = layouts.from_pretrained(tmp_path).config
+    assert (config.patch_size, config.merge_size, config.max_patches, config.max_patches_per_side) == (
+        14,
+        2,
+        media["in_patch_limit"],
+        media["patch_limit_on_one_side"],
+    )
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"media_proc_cfg": {**media, "fixed_output_tokens": 64}})
+    )
+    with pytest.raises(LayoutConfigError, match="fixed_output_tokens is not mirrored"):
+        layouts.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("media", MEDIA_PROC_CFGS)
+def test_kimi_parity_with_vllm(media: dict[str, Any]) -> None:
+    """vLLM counts Kimi K2.5 tokens with its own copy of the Moonshot resize (importing it takes
+    about 15 s, hence slow); all sizes must agree with it too."""
+    from vllm.transformers_utils.processors.kimi_k25_vision_fused import navit_resize_image
+
+    layout = layouts.from_config(
+        "kimi_k25", **layouts.KimiK25Layout.overrides_from_hf({"media_proc_cfg": media}, {})
+    )
+    for width, height in SIZES:
+        expected = navit_resize_image(
+            width, height, 14, 2, media["in_patch_limit"], media["patch_limit_on_one_side"], None
+        )
+        assert layout.place(width, height).num_tokens == expected["num_tokens"], (width, height)
+
+
 # --- defaults, registry, fingerprints ----------------------------------------------------------
 
 

@@ -105,7 +105,9 @@ class Descriptor(_Strict):
     width: int = Field(gt=0, description="after EXIF orientation (the decoding rule)")
     height: int = Field(gt=0)
     family: str = Field(description="layout family, e.g. qwen2_vl")
-    layout: dict[str, LayoutScalar | list[int]] = Field(description="the layout config it was computed with")
+    layout: dict[str, LayoutScalar | list[int] | list[list[int]]] = Field(
+        description="the layout config it was computed with"
+    )
     fingerprint: str = Field(description="short hash of family + layout config")
     grid: tuple[int, ...] = Field(
         description="grid_thw for Qwen-style families, the family's geometry otherwise"

@@ -1,9 +1,9 @@
 """GLM-4.1V, GLM-4.5V and GLM-4.6V: ``Glm4vImageProcessor``, Qwen2-VL's scheme with two twists.
 
 ``Glm4vImageProcessor``'s own ``smart_resize`` (1) first scales a side shorter than the factor up
-to the factor (truncating with ``int``), and only then checks the aspect ratio, so it refuses
-some thin images Qwen2-VL accepts; (2) counts pixels over ``temporal_patch_size`` frames (an
-image is resized as a 2-frame clip), which halves the pixel budget of one image.
+to the factor (truncating with ``int``) and checks the aspect ratio on that upscaled size;
+(2) counts pixels over ``temporal_patch_size`` frames (an image is resized as a 2-frame clip),
+which halves the pixel budget of one image.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ The image is shrunk (never enlarged) until it fits ``max_patches`` patches in to
 ``max_patches_per_side`` patches per side, then padded up to multiples of
 ``patch_size * merge_size``; every ``merge_size`` x ``merge_size`` block of patches of the padded
 image is one ``<|media_pad|>``.
+
+Checkpoints saved by Moonshot's own (remote-code) processor keep these limits in
+``media_proc_cfg`` (``in_patch_limit``, ``patch_limit_on_one_side``, ``merge_kernel_size``);
+:meth:`KimiK25Layout.overrides_from_hf` reads either form.
 """
 
 from __future__ import annotations
@@ -63,8 +67,12 @@ class KimiK25Layout(Layout[KimiK25Config]):
 
     @classmethod
     def overrides_from_hf(cls, image_processor: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
-        """Patch, merge and total-patch limits, and ``size`` with equal max height and width (the
-        processor refuses any other)."""
+        """transformers' keys (patch and merge size, ``max_patches``, ``size`` with equal max
+        height and width, as the processor demands), or the Moonshot release's ``media_proc_cfg``
+        (what vLLM reads), whose limits are the same numbers under other names."""
+        media = image_processor.get("media_proc_cfg")
+        if isinstance(media, dict):
+            return cls._from_media_proc_cfg(media)
         fields = pick(image_processor, "patch_size", "merge_size", "max_patches")
         size = image_processor.get("size")
         if size is not None:
@@ -75,3 +83,20 @@ class KimiK25Layout(Layout[KimiK25Config]):
                 )
             fields["max_patches_per_side"] = side
         return fields
+
+    @classmethod
+    def _from_media_proc_cfg(cls, media: dict[str, Any]) -> dict[str, Any]:
+        if media.get("fixed_output_tokens") is not None:
+            raise LayoutConfigError(f"{cls.family}: media_proc_cfg.fixed_output_tokens is not mirrored")
+        fields = pick(media, "patch_size")
+        merge = media.get("merge_kernel_size")
+        if isinstance(merge, list):
+            if len(set(merge)) != 1:
+                raise LayoutConfigError(
+                    f"{cls.family}: only a square merge_kernel_size is mirrored, got {merge}"
+                )
+            merge = merge[0]
+        if merge is not None:
+            fields["merge_size"] = merge
+        renamed = {"in_patch_limit": "max_patches", "patch_limit_on_one_side": "max_patches_per_side"}
+        return fields | {field: media[key] for key, field in renamed.items() if media.get(key) is not None}
