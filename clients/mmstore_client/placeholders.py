@@ -69,3 +69,14 @@ def collapse(ids: Sequence[int], runs: Sequence[ImageSpan]) -> list[int]:
         pos = run.start + run.length
     out.extend(ids[pos:])
     return out
+
+
+def image_markup_ids(tokenizer, layout) -> set[int]:
+    """Every token id of the family's image markup (the template text and the image token).
+
+    The inference service bans them from sampling by default, and the trainer masks the same ids
+    out of its log-softmax, so the policy it trains is the distribution that was sampled from.
+    """
+    ids = set(tokenizer.encode(layout.template_text, add_special_tokens=False))
+    ids.add(tokenizer.convert_tokens_to_ids(layout.image_token))
+    return ids

@@ -101,9 +101,6 @@ class Renderer:
         self.image_token_id = vocab[layout.image_token]
         self.eos_token: str = tokenizer.eos_token
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-        # token ids that mark images; text that would produce them is refused (issue: injected
-        # image tokens are the classic cause of "image features and image tokens do not match")
-        self.image_special_ids = {vocab[t] for t in (layout.image_token, layout.placeholder) if t in vocab}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, fetch: Callable[[str], bytes]) -> Renderer:

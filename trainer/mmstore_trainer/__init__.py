@@ -1,0 +1,43 @@
+"""mmstore_trainer: trains vision-language models on samples whose images are mmstore refs.
+
+Each sample's images are fetched by digest, verified, decoded by the one decoding rule and run
+through the checkpoint's own HF image processor, then checked against the sample's descriptors
+before a token of it is trained on (:mod:`.data`). A background loader keeps that ahead of the
+step (:mod:`.loader`); samples are packed into micro-batches without cross-sample attention
+(:mod:`.pack`); the step is a clipped, token-level policy-gradient update (:mod:`.loss`,
+:mod:`.train`). Model-specific knowledge lives in :mod:`.families`.
+"""
+
+from mmstore_trainer.checkpoint import save_checkpoint
+from mmstore_trainer.config import MissingImagePolicy, TrainConfig
+from mmstore_trainer.data import MaterializationError, MaterializedSample, Materializer
+from mmstore_trainer.loader import Loader
+from mmstore_trainer.loss import PgStats, clipped_pg_loss, token_logprobs
+from mmstore_trainer.metrics import StepMetrics, read_metrics
+from mmstore_trainer.pack import MicroBatch, pack
+from mmstore_trainer.samples import SampleFileError, read_samples, sample_from_rendered, write_samples
+from mmstore_trainer.train import Trainer, TrainReport, train
+
+__all__ = [
+    "Loader",
+    "MaterializationError",
+    "MaterializedSample",
+    "Materializer",
+    "MicroBatch",
+    "MissingImagePolicy",
+    "PgStats",
+    "SampleFileError",
+    "StepMetrics",
+    "TrainConfig",
+    "TrainReport",
+    "Trainer",
+    "clipped_pg_loss",
+    "pack",
+    "read_metrics",
+    "read_samples",
+    "sample_from_rendered",
+    "save_checkpoint",
+    "token_logprobs",
+    "train",
+    "write_samples",
+]

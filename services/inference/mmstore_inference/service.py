@@ -22,7 +22,7 @@ from mmstore_client.descriptor import Descriptor
 from mmstore_client.inference import GenerateRequest, GenerateResponse, Timings, Usage
 from mmstore_client.layouts import Layout, LayoutRefusal
 from mmstore_client.placeholders import PlaceholderMismatch as IdsMismatch
-from mmstore_client.placeholders import check_runs, collapse
+from mmstore_client.placeholders import check_runs, collapse, image_markup_ids
 
 from .engine import Engine
 from .errors import EngineUnavailable, LayoutMismatch, PlaceholderMismatch
@@ -42,8 +42,7 @@ class GenerateService:
         self.metrics = metrics
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(layout.image_token)
         # every token of the family's image markup: never sampled unless a request allows it
-        markup = tokenizer.encode(layout.template_text, add_special_tokens=False)
-        self.image_markup_ids = {*markup, self.image_token_id}
+        self.image_markup_ids = image_markup_ids(tokenizer, layout)
 
     def _check_layout(self, index: int, desc: Descriptor) -> None:
         if desc.family != self.layout.family or desc.fingerprint != self.layout.fingerprint:
