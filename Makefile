@@ -28,8 +28,11 @@ lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: install ## run the benchmarks and rewrite bench/RESULTS.md
+bench: install ## run the benchmarks and rewrite bench/RESULTS.md (store, layout, inference, trainer)
 	$(PY) bench/store_bench.py
+	$(PY) bench/layout_bench.py
+	$(PY) bench/inference_bench.py
+	@if [ -f bench/trainer_bench.py ]; then echo "$(PY) bench/trainer_bench.py"; $(PY) bench/trainer_bench.py; fi
 
 compose-config: ## validate docker-compose.yml (needs docker-compose)
 	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} MODEL_DIR=$${MODEL_DIR:-/models/checkpoint} \

@@ -1,0 +1,99 @@
+"""``mmstore-smoke``: the main job, and the local stack without Docker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="mmstore's main job: a multi-turn visual RL loop on the local stack", no_args_is_help=True
+)
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="run folder (samples, summary, checkpoint, service logs)")] = Path(
+        "runs/smoke"
+    ),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="model folder [default: tiny Qwen2-VL, built if absent]", envvar="MMSTORE_SMOKE_MODEL"
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="use this mmstore instead of starting one", envvar="MMSTORE_SMOKE_STORE"),
+    ] = None,
+    inference: Annotated[
+        str | None,
+        typer.Option(
+            help="use this inference service instead of starting one", envvar="MMSTORE_SMOKE_INFERENCE"
+        ),
+    ] = None,
+    groups: Annotated[int, typer.Option(help="GRPO groups (environment seeds)")] = 6,
+    group_size: Annotated[int, typer.Option(help="samples per group (n)")] = 4,
+    turns: Annotated[int, typer.Option(help="turns per rollout (one new picture each)")] = 3,
+    workers: Annotated[int, typer.Option(help="concurrent rollout workers")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="tokens per completion")] = 8,
+    train_steps: Annotated[int, typer.Option(help="trainer steps")] = 3,
+) -> None:
+    """Run the loop end to end and print the summary; exit 1 if an invariant is broken."""
+    from .smoke import SmokeConfig, SmokeFailed, console, print_summary, run_smoke
+    from .stack import ServiceFailed
+
+    cfg = SmokeConfig(
+        out=out,
+        model=model,
+        store=store,
+        inference=inference,
+        groups=groups,
+        group_size=group_size,
+        turns=turns,
+        workers=workers,
+        max_tokens=max_tokens,
+        train_steps=train_steps,
+    )
+    try:
+        summary = run_smoke(cfg)
+    except (SmokeFailed, ServiceFailed) as exc:
+        console.print(f"[red]smoke run failed:[/red] {exc}")
+        raise typer.Exit(2) from None
+    print_summary(summary, out)
+    if summary.placeholder_mismatches or summary.processed_payloads:
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    out: Annotated[Path, typer.Option(help="folder for data and logs")] = Path("runs/stack"),
+    model: Annotated[Path | None, typer.Option(help="model folder [default: tiny Qwen2-VL]")] = None,
+) -> None:
+    """Start mmstore and the inference service in the background (stop with `down`)."""
+    from mmstore_trainer.tiny_model import ensure_tiny_model
+
+    from .stack import Stack, write_state
+
+    model = model or ensure_tiny_model(Path(".cache/tiny-models/qwen2_vl"), "qwen2_vl")
+    stack = Stack(out)
+    try:
+        store = stack.start_store(out / "store-data")
+        stack.start_inference(model, store.url)
+        for service in stack.services:
+            stack.wait_ready(service, 420)
+    except BaseException:
+        stack.stop()
+        raise
+    write_state(stack.services)
+    for service in stack.services:
+        typer.echo(f"{service.name}: {service.url} (log {service.log})")
+
+
+@app.command()
+def down() -> None:
+    """Stop what `up` started."""
+    from .stack import stop_state
+
+    typer.echo(f"stopped: {', '.join(stop_state()) or 'nothing'}")

@@ -1,0 +1,292 @@
+"""The main job (``make smoke``): a multi-turn visual RL loop over the real local stack.
+
+1. build the tiny model if absent (or use ``--model``);
+2. start ``mmstore serve`` and ``mmstore-inference serve`` on free loopback ports (or use
+   ``--store`` / ``--inference``) and wait until both are ready;
+3. several concurrent rollout workers play multi-turn groups (offload, render, generate with n
+   samples, bridge, reward, group advantages) and write training samples (JSONL);
+4. the trainer materializes the refs, trains a few steps and saves a checkpoint;
+5. a summary (printed, and ``summary.json`` in the run folder) with the invariants that prove
+   the parts agreed: placeholder mismatches 0, processed payloads 0.
+Everything it started is stopped at the end, on failure and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from mmstore_client import AsyncStoreClient, MmstoreError, StoreClient
+from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
+from mmstore_client.render import Renderer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .stack import Stack
+from .stats import LoopStats
+from .worker import RolloutWorker
+
+console = Console(stderr=True)
+
+
+class SmokeFailed(RuntimeError):
+    """The loop could not finish; the message says which part failed and where its log is."""
+
+
+@dataclass
+class SmokeConfig:
+    out: Path = Path("runs/smoke")
+    model: Path | None = None  # None: the tiny Qwen2-VL, built into .cache/ if absent
+    store: str | None = None  # None: start one
+    inference: str | None = None  # None: start one
+    groups: int = 6
+    group_size: int = 4
+    turns: int = 3
+    workers: int = 3
+    max_tokens: int = 8
+    temperature: float = 1.0
+    train_steps: int = 3
+    run: str = "smoke"
+    ready_timeout: float = 420.0
+
+
+@dataclass
+class Summary:
+    rollouts: int = 0
+    turns: int = 0
+    generate_requests: int = 0
+    images: int = 0
+    unique_digests: int = 0
+    bytes_refs: int = 0
+    bytes_base64: int = 0
+    bytes_pixel_values: int = 0
+    placeholder_mismatches: int = 0
+    processed_payloads: int = 0
+    missing_images: int = 0
+    inference_retries: int = 0
+    mean_reward: float = 0.0
+    store: dict = field(default_factory=dict)
+    inference: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    loss_per_step: list[float] = field(default_factory=list)
+    wall_s: dict[str, float] = field(default_factory=dict)
+    samples_file: str = ""
+    checkpoint: str = ""
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _service_counters(store_url: str, inference_url: str) -> tuple[dict, dict]:
+    s = httpx.get(f"{store_url}/metrics", timeout=10).text
+    i = httpx.get(f"{inference_url}/metrics", timeout=10).text
+    store = {
+        "blobs_created": _metric(s, "mmstore_blobs_created_total"),
+        "uploads_deduplicated": _metric(s, "mmstore_blobs_deduplicated_total"),
+        "bytes_in": _metric(s, "mmstore_bytes_in_total"),
+        "bytes_out": _metric(s, "mmstore_bytes_out_total"),
+    }
+    inference = {
+        "store_fetches": _metric(i, "mmstore_inference_store_fetches"),
+        "byte_cache_hits": _metric(i, "mmstore_inference_byte_cache_hits"),
+        "decoded_cache_hits": _metric(i, "mmstore_inference_decoded_cache_hits"),
+        "prefix_cache_hit_tokens": _metric(i, "vllm:prefix_cache_hits_total"),
+        "mm_cache_hits": _metric(i, "vllm:mm_cache_hits_total"),
+        "placeholder_mismatch_errors": _metric(
+            i, 'mmstore_inference_requests_total{code="placeholder_mismatch"}'
+        ),
+    }
+    return store, inference
+
+
+async def _rollouts(
+    cfg: SmokeConfig, store_url: str, inference_url: str, model: Path, stats: LoopStats, progress
+) -> list:
+    async with AsyncStoreClient(store_url) as store, AsyncInferenceClient(inference_url) as inference:
+        sync_store = StoreClient(
+            store_url, cache=store.cache
+        )  # the renderer reads headers from the same cache
+        renderer = await asyncio.to_thread(Renderer.from_pretrained, model, sync_store.get)
+        sampling = SamplingOptions(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        worker = RolloutWorker(store, inference, renderer, cfg.run, stats, sampling)
+        task = progress.add_task("rollout groups", total=cfg.groups)
+        gate = asyncio.Semaphore(cfg.workers)
+        samples = []
+
+        async def group(seed: int) -> None:
+            async with gate:
+                samples.extend(await worker.rollout_group(seed, cfg.turns, cfg.group_size))
+                progress.advance(task)
+
+        try:
+            await asyncio.gather(*(group(seed) for seed in range(cfg.groups)))
+        finally:
+            sync_store.close()
+        return sorted(samples, key=lambda s: s.sample_id)
+
+
+def _train(cfg: SmokeConfig, model: Path, samples_file: Path, store_url: str) -> dict:
+    from mmstore_trainer.config import TrainConfig
+    from mmstore_trainer.train import train
+
+    report = train(
+        TrainConfig(
+            model=model,
+            data=[samples_file],
+            out=cfg.out / "trainer",
+            store=store_url,
+            steps=cfg.train_steps,
+            batch_size=cfg.group_size * 2,
+            lr=1e-3,
+            temperature=cfg.temperature,
+            workers=2,
+            progress=True,
+        )
+    )
+    steps = [m.to_dict() for m in report.metrics]
+    return {
+        **report.extra,
+        "steps": steps,
+        "checkpoint": str(report.checkpoint or ""),
+        "device": report.device,
+        "missing_images": sum(m["missing_images"] for m in steps),
+        "images": sum(m["images"] for m in steps),
+        "fetched_bytes": sum(m["fetched_bytes"] for m in steps),
+        "loader_wait_s": round(report.wait_s, 3),
+        "wall_s": round(report.wall_s, 3),
+    }
+
+
+def run_smoke(cfg: SmokeConfig) -> Summary:
+    from mmstore_trainer.samples import write_samples
+    from mmstore_trainer.tiny_model import ensure_tiny_model
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    summary, stats, wall = Summary(), LoopStats(), {}
+    t0 = time.perf_counter()
+    model = cfg.model or ensure_tiny_model(Path(".cache/tiny-models/qwen2_vl"), "qwen2_vl")
+    wall["model"] = time.perf_counter() - t0
+    with ExitStack() as stack_ctx:
+        stack = stack_ctx.enter_context(Stack(cfg.out / "services"))
+        t = time.perf_counter()
+        store_url = cfg.store or stack.start_store(cfg.out / "store-data").url
+        inference_url = cfg.inference
+        if inference_url is None:
+            inference_url = stack.start_inference(model, store_url).url
+        with console.status("waiting for mmstore and the inference engine (vLLM start takes about a minute)"):
+            for service in stack.services:
+                stack.wait_ready(service, cfg.ready_timeout)
+        wall["start_services"] = time.perf_counter() - t
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            t = time.perf_counter()
+            try:
+                samples = asyncio.run(_rollouts(cfg, store_url, inference_url, model, stats, progress))
+            except (MmstoreError, RuntimeError) as exc:
+                dead = [
+                    f"{s.name} exited with {s.proc.returncode} (log {s.log})"
+                    for s in stack.services
+                    if not s.alive()
+                ]
+                raise SmokeFailed(
+                    f"rollouts failed after {stats.turns} turns: {exc}"
+                    + (f"; {'; '.join(dead)}" if dead else "")
+                ) from exc
+            wall["rollouts"] = time.perf_counter() - t
+        samples_file = cfg.out / "samples.jsonl"
+        write_samples(samples_file, samples)
+
+        t = time.perf_counter()
+        trainer = _train(cfg, model, samples_file, store_url)
+        wall["train"] = time.perf_counter() - t
+        summary.store, summary.inference = _service_counters(store_url, inference_url)
+
+    wall["total"] = time.perf_counter() - t0
+    for name in (
+        "rollouts",
+        "turns",
+        "generate_requests",
+        "images",
+        "bytes_refs",
+        "bytes_base64",
+        "bytes_pixel_values",
+        "placeholder_mismatches",
+        "processed_payloads",
+        "missing_images",
+        "inference_retries",
+    ):
+        setattr(summary, name, getattr(stats, name))
+    summary.unique_digests = len(stats.digests)
+    summary.mean_reward = sum(stats.rewards) / max(1, len(stats.rewards))
+    summary.trainer = trainer
+    summary.missing_images += int(trainer.get("missing_images", 0))
+    summary.loss_per_step = [s["loss"] for s in trainer.get("steps", [])]
+    summary.wall_s = {k: round(v, 2) for k, v in wall.items()}
+    summary.samples_file = str(samples_file)
+    summary.checkpoint = str(trainer.get("checkpoint", ""))
+    (cfg.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+    return summary
+
+
+def print_summary(summary: Summary, out: Path) -> None:
+    table = Table(title=f"mmstore smoke run ({out / 'summary.json'})", show_header=False)
+    st, inf = summary.store, summary.inference
+    ratio = summary.bytes_pixel_values / max(1, summary.bytes_refs)
+    rows = [
+        (
+            "rollouts / turns / generate requests",
+            f"{summary.rollouts} / {summary.turns} / {summary.generate_requests}",
+        ),
+        ("images offloaded / unique digests", f"{summary.images} / {summary.unique_digests}"),
+        ("bytes to inference as refs", f"{summary.bytes_refs:,}"),
+        (
+            "... as base64 would have been",
+            f"{summary.bytes_base64:,} ({summary.bytes_base64 / max(1, summary.bytes_refs):.0f}x)",
+        ),
+        ("... as pixel_values would have been", f"{summary.bytes_pixel_values:,} ({ratio:.0f}x)"),
+        (
+            "store: blobs created / dedup uploads",
+            f"{st.get('blobs_created', 0):.0f} / {st.get('uploads_deduplicated', 0):.0f}",
+        ),
+        (
+            "inference: store fetches / byte cache hits",
+            f"{inf.get('store_fetches', 0):.0f} / {inf.get('byte_cache_hits', 0):.0f}",
+        ),
+        (
+            "inference: vLLM prefix-cache hit tokens",
+            f"{summary.inference.get('prefix_cache_hit_tokens', 0):.0f}",
+        ),
+        (
+            "trainer: images materialized / bytes fetched",
+            f"{summary.trainer.get('images', 0)} / {summary.trainer.get('fetched_bytes', 0):,}",
+        ),
+        ("placeholder mismatches (must be 0)", str(summary.placeholder_mismatches)),
+        ("processed payloads seen (must be 0)", str(summary.processed_payloads)),
+        ("missing images", str(summary.missing_images)),
+        ("inference retries", str(summary.inference_retries)),
+        ("mean reward", f"{summary.mean_reward:.3f}"),
+        ("loss per step", ", ".join(f"{x:.4f}" for x in summary.loss_per_step)),
+        ("wall time (s)", ", ".join(f"{k} {v}" for k, v in summary.wall_s.items())),
+        ("checkpoint", summary.checkpoint),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)

@@ -1,0 +1,138 @@
+"""Rollout workers: offload, render, generate with n samples, bridge turns, reward, advantages.
+
+A group is ``n`` trajectories of one environment seed (GRPO): the first turn's prompt is
+sampled ``n`` times in one request; each completion then continues as its own conversation,
+one new picture per turn, bridged onto the ids exactly as sampled. When the group is done,
+each trajectory becomes one training :class:`~mmstore_client.descriptor.Sample` with the
+group-normalised advantage of its total reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from dataclasses import dataclass, field
+
+from mmstore_client import AsyncStoreClient, ConflictError
+from mmstore_client.descriptor import ProcessedPayloadError, Sample, reject_processed
+from mmstore_client.inference import AsyncInferenceClient, GenerateRequest, SamplingOptions
+from mmstore_client.offload import aoffload_messages
+from mmstore_client.render import Rendered, Renderer
+
+from .env import ShapesEnv
+from .stats import LoopStats
+
+SYSTEM = {"role": "system", "content": "You count shapes in pictures. Answer with one number."}
+
+
+@dataclass
+class Trajectory:
+    rendered: Rendered
+    logprobs: list[float]
+    reward: float = 0.0
+    texts: list[str] = field(default_factory=list)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        store: AsyncStoreClient,
+        inference: AsyncInferenceClient,
+        renderer: Renderer,
+        run: str,
+        stats: LoopStats,
+        sampling: SamplingOptions,
+    ) -> None:
+        self.store = store
+        self.inference = inference
+        self.renderer = renderer
+        self.run = run
+        self.stats = stats
+        self.sampling = sampling
+
+    async def _offload(self, message: dict) -> dict:
+        (out,) = await aoffload_messages([message], self.store, self.run)
+        self.stats.images += 1
+        return out
+
+    async def _generate(self, rendered: Rendered, n: int):
+        request = GenerateRequest(
+            prompt_token_ids=rendered.token_ids,
+            descriptors=rendered.descriptors,
+            sampling=self.sampling.model_copy(update={"n": n}),
+        )
+        try:
+            reject_processed(request.model_dump(mode="json"), "$request")
+        except ProcessedPayloadError:
+            self.stats.processed_payloads += 1
+            raise
+        sizes = {d.digest: len(self.store.cache.get(d.digest) or b"") for d in rendered.descriptors}
+        self.stats.count_request(rendered.descriptors, sizes)
+        retried = self.inference.retried
+        try:
+            response = await self.inference.generate(request)
+        except ConflictError as exc:
+            if exc.code == "placeholder_mismatch":
+                self.stats.placeholder_mismatches += 1
+            raise
+        finally:
+            self.stats.inference_retries += self.inference.retried - retried
+        if response.prompt_token_ids != rendered.token_ids:
+            self.stats.placeholder_mismatches += 1
+            raise RuntimeError("inference ran a different prompt than the one rendered")
+        return response
+
+    def _advance(self, traj: Trajectory, completion, env: ShapesEnv, k: int) -> None:
+        text = self.renderer.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        traj.rendered = traj.rendered.extend(completion.token_ids, assistant=True)
+        traj.rendered.messages.append({"role": "assistant", "content": text})
+        traj.logprobs += completion.logprobs or [0.0] * len(completion.token_ids)
+        traj.reward += env.reward(env.turn(k), text)
+        traj.texts.append(text)
+
+    async def rollout_group(self, seed: int, turns: int, n: int) -> list[Sample]:
+        env = ShapesEnv(seed, turns)
+        first = await self._offload(env.message(env.turn(0)))
+        rendered = await asyncio.to_thread(self.renderer.render, [SYSTEM, first])
+        response = await self._generate(rendered, n)
+        trajectories = []
+        for completion in response.samples:
+            traj = Trajectory(rendered, [0.0] * len(rendered.token_ids))
+            self._advance(traj, completion, env, 0)
+            trajectories.append(traj)
+        self.stats.turns += len(trajectories)
+        for k in range(1, turns):
+            message = await self._offload(env.message(env.turn(k)))
+            for traj in trajectories:
+                prompt = await asyncio.to_thread(self.renderer.bridge, traj.rendered, [message])
+                traj.logprobs += [0.0] * (len(prompt.token_ids) - len(traj.logprobs))
+                traj.rendered = prompt
+                response = await self._generate(prompt, 1)
+                self._advance(traj, response.samples[0], env, k)
+                self.stats.turns += 1
+        return self._samples(seed, trajectories, turns)
+
+    def _samples(self, seed: int, trajectories: list[Trajectory], turns: int) -> list[Sample]:
+        rewards = [t.reward / turns for t in trajectories]
+        mean = statistics.fmean(rewards)
+        std = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
+        samples = []
+        for i, (traj, reward) in enumerate(zip(trajectories, rewards, strict=True)):
+            r = traj.rendered
+            samples.append(
+                Sample(
+                    sample_id=f"seed{seed}-{i}",
+                    token_ids=r.token_ids,
+                    loss_mask=r.assistant_mask,
+                    advantages=(reward - mean) / (std + 1e-6),
+                    logprobs=traj.logprobs,
+                    descriptors=r.descriptors,
+                    image_spans=r.image_spans,
+                    reward=reward,
+                    meta={"seed": seed, "turns": turns},
+                )
+            )
+            self.stats.rewards.append(reward)
+            self.stats.digests.update(d.digest for d in r.descriptors)
+        self.stats.rollouts += len(samples)
+        return samples

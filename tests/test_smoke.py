@@ -1,0 +1,87 @@
+"""The main job end to end, reduced in size; and what happens when inference dies mid-loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from mmstore_client import StoreClient
+from mmstore_rollout.smoke import SmokeConfig, SmokeFailed, run_smoke
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_loop_invariants(store, inference, tiny_qwen2_vl, tmp_path):
+    cfg = SmokeConfig(
+        out=tmp_path / "run",
+        model=tiny_qwen2_vl,
+        store=store.url,
+        inference=inference.url,
+        groups=2,
+        group_size=2,
+        turns=2,
+        workers=2,
+        train_steps=2,
+        run="smoke-test",
+    )
+    summary = run_smoke(cfg)
+    assert summary.placeholder_mismatches == 0 and summary.processed_payloads == 0
+    assert summary.rollouts == 4 and summary.turns == 8
+    assert summary.images == 4 and summary.unique_digests == 4
+    assert summary.bytes_pixel_values > 1000 * summary.bytes_refs / 10
+    assert len(summary.loss_per_step) == 2
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["rollouts"] == 4 and saved["placeholder_mismatches"] == 0
+    assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") == 4
+    assert summary.checkpoint and (tmp_path / "run").exists()
+
+
+def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp_path):
+    from mmstore_rollout.stack import Stack
+
+    out = tmp_path / "run"
+    with Stack(out / "services") as stack:
+        store = stack.start_store(out / "store-data")
+        inference = stack.start_inference(tiny_qwen2_vl, store.url)
+        for service in stack.services:
+            stack.wait_ready(service, 420)
+        cfg = SmokeConfig(
+            out=out,
+            model=tiny_qwen2_vl,
+            store=store.url,
+            inference=inference.url,
+            groups=40,
+            group_size=2,
+            turns=4,
+            workers=2,
+            train_steps=1,
+            run="killed",
+        )
+
+        def kill_when_busy():
+            with StoreClient(store.url) as client:
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    try:
+                        if client.run("killed").blob_count >= 4:
+                            break
+                    except Exception:
+                        pass
+                    time.sleep(0.2)
+            inference.stop(timeout=0.1)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        with pytest.raises(SmokeFailed) as exc:
+            run_smoke(cfg)
+        killer.join()
+        message = str(exc.value)
+        assert "rollouts failed" in message and inference.url in message
+        with StoreClient(store.url) as client:
+            blobs = list(client.iter_run_blobs("killed"))
+            assert len(blobs) >= 4
+            for blob in blobs:
+                assert len(client.get(blob.digest)) == blob.size  # verified by blake3 on the way
+        assert not (out / "samples.jsonl").exists(), "no partial sample file is written"
