@@ -24,6 +24,9 @@ up: install ## start mmstore and the inference service in the background (tiny m
 down: ## stop what `make up` started
 	$(VENV)/bin/mmstore-smoke down
 
+fuzz: install ## property-based conversations through every part, long budget (200 conversations)
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/pytest tests/test_fuzz.py -p no:cacheprovider --timeout 3600
+
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,4 +41,4 @@ compose-config: ## validate docker-compose.yml (needs docker-compose)
 	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} MODEL_DIR=$${MODEL_DIR:-/models/checkpoint} \
 		docker-compose -f docker-compose.yml config --quiet
 
-.PHONY: help install test smoke up down lint bench compose-config
+.PHONY: help install test smoke up down fuzz lint bench compose-config

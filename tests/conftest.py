@@ -68,7 +68,8 @@ def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str
             "4096",
         ],
         port,
-        env={"VLLM_CPU_KVCACHE_SPACE": "1", **env},
+        # 24 images per prompt: the 20-turn agreement test carries 21
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "MMSTORE_INFERENCE_MAX_IMAGES_PER_PROMPT": "24", **env},
         log=log_dir / f"inference-{port}.log",
     )
 
@@ -78,13 +79,144 @@ def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
     """One real `mmstore-inference serve` (vLLM CPU, tiny Qwen2-VL) for the session, on the store."""
     import httpx
 
-    server = inference_process(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference")).start(
-        timeout=300
+    server = inference_process(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference"))
+    try:
+        server.start(timeout=300)
+        deadline = time.monotonic() + 600
+        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, f"inference engine not ready, see {server.log}"
+            assert server.proc.poll() is None, f"inference exited, see {server.log}"
+            time.sleep(1)
+        yield server
+    finally:
+        server.stop()
+
+
+# -- the S3 backend: a real S3-compatible HTTP server (moto's server mode) -------------------------
+
+# moto's server checks a conditional request (If-None-Match / If-Match) and then applies it in two
+# steps, across threads; S3, MinIO and R2 apply each request atomically. This runs the same moto
+# app under one lock, so the tests see S3's atomicity (which the backend's conditional writes rely on).
+_MOTO_SERVER = """
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+
+def atomic(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+
+run_simple("127.0.0.1", int(sys.argv[1]), atomic, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
+class S3Server:
+    """A moto S3 server process on a free loopback port; ``bucket()`` makes a fresh bucket."""
+
+    def __init__(self, log: Path) -> None:
+        from support import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+        self.log = log
+        self.proc = None
+        self._buckets = 0
+
+    def start(self, timeout: float = 60.0) -> S3Server:
+        import subprocess
+
+        import httpx
+
+        out = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _MOTO_SERVER, str(self.port)], stdout=out, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"moto server exited, see {self.log}"
+            try:
+                httpx.get(f"{self.endpoint}/moto-api/", timeout=1)
+                return self
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+
+    def client(self):
+        """A boto3 client on the server (to create buckets and to look inside them)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def bucket(self, prefix: str = "store") -> str:
+        """A new empty bucket; its ``s3://bucket/prefix`` storage URL."""
+        self._buckets += 1
+        name = f"mmstore-test-{self._buckets}"
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}/{prefix}"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def s3_store_process(s3: S3Server, url: str, log_dir: Path, *, tokens: str | None = None, **env: str):
+    """``mmstore serve --storage s3://...`` against ``s3`` (the AWS_* variables point at it)."""
+    from support import free_port
+
+    port = free_port()
+    extra = {**s3.env, **({"MMSTORE_TOKENS": tokens} if tokens else {})}
+    extra.update({f"MMSTORE_{k.upper()}": v for k, v in env.items()})
+    return ServerProcess(
+        [str(Path(sys.executable).parent / "mmstore"), "serve", "--port", str(port), "--storage", url],
+        port,
+        env=extra,
+        log=log_dir / f"mmstore-s3-{port}.log",
     )
-    deadline = time.monotonic() + 400
-    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "inference engine not ready"
-        assert server.proc.poll() is None, f"inference exited, see {server.log}"
-        time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_store(s3_server, tmp_path_factory) -> ServerProcess:
+    """One real open (loopback) mmstore process on a bucket, for the session."""
+    server = s3_store_process(s3_server, s3_server.bucket(), tmp_path_factory.mktemp("s3store")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_store(s3_server, tmp_path_factory) -> ServerProcess:
+    """An mmstore process on its own bucket with read / write / admin tokens."""
+    log_dir = tmp_path_factory.mktemp("s3authstore")
+    server = s3_store_process(s3_server, s3_server.bucket(), log_dir, tokens=TOKENS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["local", "s3"])
+def store_backend(request) -> str:
+    """The backend a store API test runs on. test_store_api.py and test_store_client.py override
+    ``store`` / ``auth_store`` with it (``s3_store`` / ``s3_auth_store`` for "s3"), so each of their
+    tests runs once per backend while every other test file keeps the one local ``store``."""
+    return request.param

@@ -14,6 +14,18 @@ from support import image_bytes
 RUN = "run-api"
 
 
+# Every test below runs against each storage backend: conftest's `store` / `auth_store` are the
+# local ones, `s3_store` / `s3_auth_store` serve a bucket of a real S3-compatible server.
+@pytest.fixture(scope="session")
+def store(store, store_backend, request):
+    return store if store_backend == "local" else request.getfixturevalue("s3_store")
+
+
+@pytest.fixture(scope="session")
+def auth_store(auth_store, store_backend, request):
+    return auth_store if store_backend == "local" else request.getfixturevalue("s3_auth_store")
+
+
 def put(store, data: bytes, run: str = RUN, digest: str | None = None, **kw) -> httpx.Response:
     digest = digest or compute_digest(data)
     return httpx.put(f"{store.url}/v1/runs/{run}/blobs/{digest}", content=data, **kw)

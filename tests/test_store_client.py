@@ -25,6 +25,18 @@ from mmstore_client.store import _StoreBase
 from support import image_bytes
 
 
+# Every test below runs against each storage backend: conftest's `store` / `auth_store` are the
+# local ones, `s3_store` / `s3_auth_store` serve a bucket of a real S3-compatible server.
+@pytest.fixture(scope="session")
+def store(store, store_backend, request):
+    return store if store_backend == "local" else request.getfixturevalue("s3_store")
+
+
+@pytest.fixture(scope="session")
+def auth_store(auth_store, store_backend, request):
+    return auth_store if store_backend == "local" else request.getfixturevalue("s3_auth_store")
+
+
 def test_sync_and_async_clients_are_twins():
     def methods(cls):
         return {n for n, f in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")} - set(

@@ -179,6 +179,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def pixel_digest(img: Image.Image) -> str:
+    """A digest of decoded pixels (mode, size and raw bytes): the inference service reports it
+    for each image it handed vLLM and the trainer recomputes it, so both prove they saw the same
+    pixels, not only the same file bytes."""
+    import blake3
+
+    hasher = blake3.blake3(f"{img.mode}:{img.width}x{img.height}:".encode())
+    hasher.update(img.tobytes())
+    return f"blake3:{hasher.hexdigest()}"
+
+
 def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> oriented, first-frame, 8-bit RGB image. The one rule; see the module docstring."""
     probe(data, max_pixels=max_pixels)

@@ -146,6 +146,9 @@ class Sample(_Strict):
     descriptors: list[Descriptor] = Field(default_factory=list)
     image_spans: list[ImageSpan] = Field(default_factory=list)
     reward: float | None = None
+    pixel_digests: list[Digest] | None = Field(
+        None, description="per image, decode.pixel_digest of the pixels inference sampled from"
+    )
     meta: dict[str, LayoutScalar] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -156,6 +159,10 @@ class Sample(_Strict):
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} tokens")
         if isinstance(self.advantages, list) and len(self.advantages) != n:
             raise ValueError(f"advantages has {len(self.advantages)} entries for {n} tokens")
+        if self.pixel_digests is not None and len(self.pixel_digests) != len(self.descriptors):
+            raise ValueError(
+                f"{len(self.pixel_digests)} pixel digests for {len(self.descriptors)} descriptors"
+            )
         if len(self.image_spans) != len(self.descriptors):
             raise ValueError(f"{len(self.image_spans)} image spans for {len(self.descriptors)} descriptors")
         end = 0

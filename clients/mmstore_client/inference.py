@@ -67,6 +67,9 @@ class GenerateResponse(BaseModel):
 
     request_id: str
     prompt_token_ids: list[int] = Field(description="the prompt vLLM ran: equal to the request's")
+    pixel_digests: list[str] = Field(
+        default_factory=list, description="per image, decode.pixel_digest of the pixels handed to vLLM"
+    )
     samples: list[Completion]
     usage: Usage
     timings: Timings

@@ -18,10 +18,15 @@ class PlaceholderMismatch(ValueError):
     code = "placeholder_mismatch"
 
     def __init__(
-        self, message: str, image: int | None = None, expected: int | None = None, actual: int | None = None
+        self,
+        message: str,
+        image: int | None = None,
+        expected: int | None = None,
+        actual: int | None = None,
+        hint: str = "",
     ):
-        super().__init__(message)
-        self.image, self.expected, self.actual = image, expected, actual
+        super().__init__(f"{message}: {hint}" if hint else message)
+        self.image, self.expected, self.actual, self.hint = image, expected, actual, hint
 
 
 def image_runs(ids: Sequence[int], image_token_id: int) -> list[ImageSpan]:
@@ -40,10 +45,25 @@ def image_runs(ids: Sequence[int], image_token_id: int) -> list[ImageSpan]:
 
 
 def check_runs(ids: Sequence[int], descriptors: Sequence[Descriptor], image_token_id: int) -> list[ImageSpan]:
-    """The spans of the images in ``ids``; raise :class:`PlaceholderMismatch` naming the first
-    image whose run length differs from its descriptor's token count (or a count mismatch)."""
+    """The spans of the images in ``ids``; raise :class:`PlaceholderMismatch` when the runs do not
+    match the descriptors: their count first (image tokens not tied to any descriptor, e.g. sampled
+    by the policy and fed back, are named by position), then each run's length."""
     runs = image_runs(ids, image_token_id)
-    for i, (run, desc) in enumerate(zip(runs, descriptors, strict=False)):
+    if len(runs) != len(descriptors):
+        where = ", ".join(f"{r.start}+{r.length}" for r in runs[:20])
+        hint = (
+            "image tokens not tied to a descriptor (did the policy sample image special tokens? "
+            "sampling bans them unless allow_image_tokens)"
+            if len(runs) > len(descriptors)
+            else "image placeholders missing from the ids (truncated through an image?)"
+        )
+        raise PlaceholderMismatch(
+            f"{len(runs)} image placeholder runs in the ids (at {where}) for {len(descriptors)} descriptors",
+            expected=len(descriptors),
+            actual=len(runs),
+            hint=hint,
+        )
+    for i, (run, desc) in enumerate(zip(runs, descriptors, strict=True)):
         if run.length != desc.num_tokens:
             raise PlaceholderMismatch(
                 f"image {i} ({desc.digest}): {run.length} placeholder tokens at {run.start}, "
@@ -52,12 +72,6 @@ def check_runs(ids: Sequence[int], descriptors: Sequence[Descriptor], image_toke
                 expected=desc.num_tokens,
                 actual=run.length,
             )
-    if len(runs) != len(descriptors):
-        raise PlaceholderMismatch(
-            f"{len(runs)} image placeholder runs in the ids for {len(descriptors)} descriptors",
-            expected=len(descriptors),
-            actual=len(runs),
-        )
     return runs
 
 

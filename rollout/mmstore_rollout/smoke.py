@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .plots import write_plots
 from .stack import Stack
 from .stats import LoopStats
 from .worker import RolloutWorker
@@ -78,6 +79,9 @@ class Summary:
     wall_s: dict[str, float] = field(default_factory=dict)
     samples_file: str = ""
     checkpoint: str = ""
+    rollout_docs: int = 0  # RolloutDocs uploaded for the viewer (run "<run>.rollouts")
+    viewer: str = ""  # where to look at them
+    plots: list[str] = field(default_factory=list)
 
 
 def _metric(text: str, name: str) -> float:
@@ -111,7 +115,13 @@ def _service_counters(store_url: str, inference_url: str) -> tuple[dict, dict]:
 
 
 async def _rollouts(
-    cfg: SmokeConfig, store_url: str, inference_url: str, model: Path, stats: LoopStats, progress
+    cfg: SmokeConfig,
+    store_url: str,
+    inference_url: str,
+    model: Path,
+    stats: LoopStats,
+    progress,
+    collected: dict | None = None,
 ) -> list:
     async with AsyncStoreClient(store_url) as store, AsyncInferenceClient(inference_url) as inference:
         sync_store = StoreClient(
@@ -133,6 +143,8 @@ async def _rollouts(
             await asyncio.gather(*(group(seed) for seed in range(cfg.groups)))
         finally:
             sync_store.close()
+            if collected is not None:  # for the plots and the summary
+                collected.update(fetch_s=worker.fetch_s, rollout_docs=worker.rollout_docs)
         return sorted(samples, key=lambda s: s.sample_id)
 
 
@@ -161,6 +173,8 @@ def _train(cfg: SmokeConfig, model: Path, samples_file: Path, store_url: str) ->
         "checkpoint": str(report.checkpoint or ""),
         "device": report.device,
         "missing_images": sum(m["missing_images"] for m in steps),
+        "pixels_checked": sum(m["pixels_checked"] for m in steps),
+        "pixel_mismatches": sum(m["pixel_mismatches"] for m in steps),
         "images": sum(m["images"] for m in steps),
         "fetched_bytes": sum(m["fetched_bytes"] for m in steps),
         "loader_wait_s": round(report.wait_s, 3),
@@ -173,7 +187,7 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
     from mmstore_trainer.tiny_model import ensure_tiny_model
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    summary, stats, wall = Summary(), LoopStats(), {}
+    summary, stats, wall, collected = Summary(), LoopStats(), {}, {}
     t0 = time.perf_counter()
     model = cfg.model or ensure_tiny_model(Path(".cache/tiny-models/qwen2_vl"), "qwen2_vl")
     wall["model"] = time.perf_counter() - t0
@@ -199,7 +213,9 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
         with progress:
             t = time.perf_counter()
             try:
-                samples = asyncio.run(_rollouts(cfg, store_url, inference_url, model, stats, progress))
+                samples = asyncio.run(
+                    _rollouts(cfg, store_url, inference_url, model, stats, progress, collected)
+                )
             except (MmstoreError, RuntimeError) as exc:
                 dead = [
                     f"{s.name} exited with {s.proc.returncode} (log {s.log})"
@@ -242,6 +258,25 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
     summary.wall_s = {k: round(v, 2) for k, v in wall.items()}
     summary.samples_file = str(samples_file)
     summary.checkpoint = str(trainer.get("checkpoint", ""))
+    summary.rollout_docs = collected.get("rollout_docs", 0)
+    summary.viewer = (
+        f"{cfg.store}/ui/runs/{cfg.run}/rollouts"
+        if cfg.store
+        else f"mmstore serve --root {cfg.out / 'store-data'}, then http://127.0.0.1:8700/ui"
+    )
+    rewards_by_step: dict[int, list[float]] = {}
+    for sample in samples:
+        rewards_by_step.setdefault(int(sample.meta.get("seed", 0)), []).append(sample.reward or 0.0)
+    plots = write_plots(
+        cfg.out,
+        rewards_by_step=rewards_by_step,
+        loss_per_step=summary.loss_per_step,
+        fetch_s=collected.get("fetch_s", []),
+        bytes_refs=summary.bytes_refs,
+        bytes_base64=summary.bytes_base64,
+        bytes_pixel_values=summary.bytes_pixel_values,
+    )
+    summary.plots = [str(p) for p in plots]
     (cfg.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
     return summary
 
@@ -281,11 +316,18 @@ def print_summary(summary: Summary, out: Path) -> None:
         ("placeholder mismatches (must be 0)", str(summary.placeholder_mismatches)),
         ("processed payloads seen (must be 0)", str(summary.processed_payloads)),
         ("missing images", str(summary.missing_images)),
+        (
+            "trainer pixels = inference pixels (must be all)",
+            f"{summary.trainer.get('pixels_checked', 0) - summary.trainer.get('pixel_mismatches', 0)}"
+            f" / {summary.trainer.get('pixels_checked', 0)}",
+        ),
         ("inference retries", str(summary.inference_retries)),
         ("mean reward", f"{summary.mean_reward:.3f}"),
         ("loss per step", ", ".join(f"{x:.4f}" for x in summary.loss_per_step)),
         ("wall time (s)", ", ".join(f"{k} {v}" for k, v in summary.wall_s.items())),
         ("checkpoint", summary.checkpoint),
+        ("rollout documents (viewer)", f"{summary.rollout_docs}: {summary.viewer}"),
+        ("plots", "\n".join(summary.plots)),
     ]
     for k, v in rows:
         table.add_row(k, v)

@@ -18,6 +18,7 @@ from mmstore_client.descriptor import ProcessedPayloadError, Sample, reject_proc
 from mmstore_client.inference import AsyncInferenceClient, GenerateRequest, SamplingOptions
 from mmstore_client.offload import aoffload_messages
 from mmstore_client.render import Rendered, Renderer
+from mmstore_client.rollouts import RolloutDoc, aput_rollout, rollout_turns
 
 from .env import ShapesEnv
 from .stats import LoopStats
@@ -31,6 +32,9 @@ class Trajectory:
     logprobs: list[float]
     reward: float = 0.0
     texts: list[str] = field(default_factory=list)
+    pixel_digests: list[str] = field(default_factory=list)  # of the last request: every image so far
+    marks: list[tuple[int, int, int]] = field(default_factory=list)  # per turn: prompt, completion, end
+    turn_rewards: list[float] = field(default_factory=list)
 
 
 class RolloutWorker:
@@ -42,6 +46,8 @@ class RolloutWorker:
         run: str,
         stats: LoopStats,
         sampling: SamplingOptions,
+        *,
+        upload_rollouts: bool = True,
     ) -> None:
         self.store = store
         self.inference = inference
@@ -49,6 +55,9 @@ class RolloutWorker:
         self.run = run
         self.stats = stats
         self.sampling = sampling
+        self.upload_rollouts = upload_rollouts  # one RolloutDoc per trajectory, for the viewer
+        self.rollout_docs = 0
+        self.fetch_s: list[float] = []  # inference's timings.fetch_s, per generate request
 
     async def _offload(self, message: dict) -> dict:
         (out,) = await aoffload_messages([message], self.store, self.run)
@@ -80,15 +89,20 @@ class RolloutWorker:
         if response.prompt_token_ids != rendered.token_ids:
             self.stats.placeholder_mismatches += 1
             raise RuntimeError("inference ran a different prompt than the one rendered")
+        self.fetch_s.append(response.timings.fetch_s)
         return response
 
     def _advance(self, traj: Trajectory, completion, env: ShapesEnv, k: int) -> None:
         text = self.renderer.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        prompt_start, completion_start = traj.marks[-1][2] if traj.marks else 0, len(traj.rendered.token_ids)
         traj.rendered = traj.rendered.extend(completion.token_ids, assistant=True)
         traj.rendered.messages.append({"role": "assistant", "content": text})
         traj.logprobs += completion.logprobs or [0.0] * len(completion.token_ids)
-        traj.reward += env.reward(env.turn(k), text)
+        reward = env.reward(env.turn(k), text)
+        traj.reward += reward
         traj.texts.append(text)
+        traj.marks.append((prompt_start, completion_start, len(traj.rendered.token_ids)))
+        traj.turn_rewards.append(reward)
 
     async def rollout_group(self, seed: int, turns: int, n: int) -> list[Sample]:
         env = ShapesEnv(seed, turns)
@@ -97,7 +111,7 @@ class RolloutWorker:
         response = await self._generate(rendered, n)
         trajectories = []
         for completion in response.samples:
-            traj = Trajectory(rendered, [0.0] * len(rendered.token_ids))
+            traj = Trajectory(rendered, [0.0] * len(rendered.token_ids), pixel_digests=response.pixel_digests)
             self._advance(traj, completion, env, 0)
             trajectories.append(traj)
         self.stats.turns += len(trajectories)
@@ -108,9 +122,35 @@ class RolloutWorker:
                 traj.logprobs += [0.0] * (len(prompt.token_ids) - len(traj.logprobs))
                 traj.rendered = prompt
                 response = await self._generate(prompt, 1)
+                traj.pixel_digests = response.pixel_digests
                 self._advance(traj, response.samples[0], env, k)
                 self.stats.turns += 1
-        return self._samples(seed, trajectories, turns)
+        samples = self._samples(seed, trajectories, turns)
+        if self.upload_rollouts:
+            await self._upload_rollouts(seed, trajectories, samples)
+        return samples
+
+    async def _upload_rollouts(
+        self, seed: int, trajectories: list[Trajectory], samples: list[Sample]
+    ) -> None:
+        """Each trajectory's turns, text and images as a RolloutDoc in the store (the viewer's)."""
+
+        def decode(ids: list[int]) -> str:
+            return self.renderer.tokenizer.decode(ids, skip_special_tokens=False)
+
+        docs = [
+            RolloutDoc(
+                rollout_id=sample.sample_id,
+                step=seed,
+                reward=sample.reward,
+                descriptors=traj.rendered.descriptors,
+                turns=rollout_turns(traj.rendered, traj.marks, decode, traj.turn_rewards),
+                meta=sample.meta,
+            )
+            for traj, sample in zip(trajectories, samples, strict=True)
+        ]
+        await asyncio.gather(*(aput_rollout(self.store, self.run, doc) for doc in docs))
+        self.rollout_docs += len(docs)
 
     def _samples(self, seed: int, trajectories: list[Trajectory], turns: int) -> list[Sample]:
         rewards = [t.reward / turns for t in trajectories]
@@ -129,6 +169,7 @@ class RolloutWorker:
                     descriptors=r.descriptors,
                     image_spans=r.image_spans,
                     reward=reward,
+                    pixel_digests=traj.pixel_digests,
                     meta={"seed": seed, "turns": turns},
                 )
             )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from mmstore_client.truncate import TruncationPolicy
 
 from mmstore_trainer.config import MissingImagePolicy, TrainConfig
 
@@ -52,6 +53,11 @@ def train(
     mask_image_tokens: Annotated[bool, _opt("mask-image-tokens/--no-mask-image-tokens")] = _default(
         "mask_image_tokens"
     ),
+    strict_pixels: Annotated[bool, _opt("strict-pixels/--no-strict-pixels")] = _default("strict_pixels"),
+    max_sample_tokens: Annotated[int | None, _opt("max-sample-tokens", min=1)] = _default(
+        "max_sample_tokens"
+    ),
+    truncation: Annotated[TruncationPolicy, _opt("truncation")] = _default("truncation"),
     workers: Annotated[int, _opt("workers", min=0)] = _default("workers"),
     prefetch: Annotated[int, _opt("prefetch", min=1)] = _default("prefetch"),
     missing_images: Annotated[
@@ -89,6 +95,9 @@ def train(
         clip_eps_high=clip_eps_high,
         temperature=temperature,
         mask_image_tokens=mask_image_tokens,
+        strict_pixels=strict_pixels,
+        max_sample_tokens=max_sample_tokens,
+        truncation=truncation,
         workers=workers,
         prefetch=prefetch,
         missing_images=missing_images,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
+from mmstore_client.truncate import TruncationPolicy
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -62,6 +63,15 @@ class TrainConfig(BaseModel):
         description="remove the family's image markup tokens from the policy's distribution, as inference "
         "service bans them from sampling by default (set False if rollouts used allow_image_tokens)",
     )
+    strict_pixels: bool = Field(
+        False,
+        description="a sample whose decoded pixels differ from what inference reported is an error "
+        "(otherwise counted in the step metrics as pixel_mismatches)",
+    )
+    max_sample_tokens: PositiveInt | None = Field(
+        None, description="longer samples are cut (never inside an image's placeholder run) or dropped"
+    )
+    truncation: TruncationPolicy = Field(TruncationPolicy.CUT, description="cut or drop_sample")
     workers: NonNegativeInt = Field(2, description="loader threads; 0: materialize inline (sequential)")
     prefetch: PositiveInt = Field(8, description="samples materialized ahead of the step, at most")
     missing_images: MissingImagePolicy = MissingImagePolicy.ERROR

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from mmstore_client import NotFoundError, StoreClient
-from mmstore_client.decode import ImageError, decode_rgb
+from mmstore_client.decode import ImageError, decode_rgb, pixel_digest
 from mmstore_client.descriptor import Descriptor, Sample
 from mmstore_client.layouts import Layout
 from mmstore_client.layouts import from_pretrained as layout_from_pretrained
@@ -87,6 +87,8 @@ class MaterializedSample:
     fetch_s: float = 0.0
     preprocess_s: float = 0.0
     grids: list[tuple[int, ...]] = field(default_factory=list)
+    pixels_checked: int = 0  # images whose pixel digest from inference was compared
+    pixel_mismatches: int = 0  # ... and differed (an error in strict mode)
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -108,7 +110,9 @@ class Materializer:
         image_token_id: int,
         *,
         missing_images: MissingImagePolicy = MissingImagePolicy.ERROR,
+        strict_pixels: bool = False,
     ) -> None:
+        self.strict_pixels = strict_pixels
         self.store = store
         self.image_processor = image_processor
         self.layout = layout
@@ -124,6 +128,7 @@ class Materializer:
         *,
         missing_images: MissingImagePolicy = MissingImagePolicy.ERROR,
         processor: Any | None = None,
+        strict_pixels: bool = False,
     ) -> Materializer:
         """Everything from the checkpoint folder: ``AutoProcessor`` and the layout registry."""
         if processor is None:
@@ -134,7 +139,13 @@ class Materializer:
         image_token_id = processor.tokenizer.convert_tokens_to_ids(layout.image_token)
         family = family_for(layout.family, processor.image_processor)
         return cls(
-            store, processor.image_processor, layout, family, image_token_id, missing_images=missing_images
+            store,
+            processor.image_processor,
+            layout,
+            family,
+            image_token_id,
+            missing_images=missing_images,
+            strict_pixels=strict_pixels,
         )
 
     # -- checks ------------------------------------------------------------------------------
@@ -157,7 +168,7 @@ class Materializer:
         except PlaceholderMismatch as exc:
             what = "num_tokens" if exc.image is not None else "image_count"
             actual = f"{exc.actual} placeholder runs" if exc.image is None else f"a run of {exc.actual}"
-            raise _fail(sample, exc.image, what, exc.expected, f"{actual} in the ids") from exc
+            raise _fail(sample, exc.image, what, exc.expected, f"{actual} in the ids", hint=exc.hint) from exc
         for i, (run, span) in enumerate(zip(runs, sample.image_spans, strict=True)):
             if run != span:
                 raise _fail(sample, i, "span", f"{span.start}+{span.length}", f"{run.start}+{run.length}")
@@ -192,6 +203,15 @@ class Materializer:
             raise _fail(sample, i, "size", f"{desc.width}x{desc.height}", "{}x{} decoded".format(*img.size))
         return img
 
+    def _pixels_agree(self, sample: Sample, i: int, img: Image.Image) -> bool | None:
+        """Whether ``img`` is the pixels inference sampled from (None: the sample has no record)."""
+        if sample.pixel_digests is None:
+            return None
+        ours, theirs = pixel_digest(img), sample.pixel_digests[i]
+        if ours != theirs and self.strict_pixels:
+            raise _fail(sample, i, "pixels", theirs + " (inference)", ours + " (trainer)")
+        return ours == theirs
+
     def _process(self, sample: Sample, i: int, desc: Descriptor, img: Image.Image) -> ImageFeatures:
         features = self.family.image_features(self.image_processor(images=[img], return_tensors="pt"))
         if features.grid != tuple(desc.grid):
@@ -210,7 +230,7 @@ class Materializer:
             self._check_descriptor(sample, i, desc)
         self._check_runs(sample)
         fetch_s = preprocess_s = 0.0
-        nbytes = missing = 0
+        nbytes = missing = checked = disagreed = 0
         images: list[ImageFeatures] = []
         for i, desc in enumerate(sample.descriptors):
             t0 = time.perf_counter()
@@ -218,10 +238,16 @@ class Materializer:
             t1 = time.perf_counter()
             missing += data is None
             nbytes += len(data) if data is not None else 0
-            images.append(self._process(sample, i, desc, self._decode(sample, i, desc, data)))
+            img = self._decode(sample, i, desc, data)
+            agree = None if data is None else self._pixels_agree(sample, i, img)
+            checked += agree is not None
+            disagreed += agree is False
+            images.append(self._process(sample, i, desc, img))
             fetch_s += t1 - t0
             preprocess_s += time.perf_counter() - t1
-        return _tensors(sample, images, missing, nbytes, fetch_s, preprocess_s)
+        out = _tensors(sample, images, missing, nbytes, fetch_s, preprocess_s)
+        out.pixels_checked, out.pixel_mismatches = checked, disagreed
+        return out
 
 
 def _fail(

@@ -30,6 +30,8 @@ class StepMetrics:
     micro_batches: int
     missing_images: int
     zero_loss_samples: int  # samples whose loss mask was zeroed (placeholder images)
+    pixels_checked: int  # images whose decoded pixels were compared with what inference saw
+    pixel_mismatches: int  # ... and differed
     fetched_bytes: int
     fetch_s: float
     preprocess_s: float
@@ -44,7 +46,8 @@ class StepMetrics:
             f"step {self.step:>4}  loss {self.loss:+.4f}  ratio {self.ratio_mean:.3f} "
             f"[{self.ratio_min:.3f}, {self.ratio_max:.3f}]  clip {self.clip_frac:.3f}  "
             f"gnorm {self.grad_norm:.3f}  tok {self.trained_tokens}/{self.tokens}  img {self.images}  "
-            f"missing {self.missing_images}  wait {self.wait_s:.2f}s  step {self.step_s:.2f}s"
+            f"missing {self.missing_images}  pixels {self.pixels_checked - self.pixel_mismatches}/"
+            f"{self.pixels_checked}  wait {self.wait_s:.2f}s  step {self.step_s:.2f}s"
         )
 
 

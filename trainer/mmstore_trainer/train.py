@@ -23,6 +23,7 @@ import torch
 from mmstore_client import StoreClient
 from mmstore_client.descriptor import Sample
 from mmstore_client.placeholders import image_markup_ids
+from mmstore_client.truncate import truncate_sample
 
 from mmstore_trainer.checkpoint import save_checkpoint
 from mmstore_trainer.config import TrainConfig
@@ -33,6 +34,26 @@ from mmstore_trainer.metrics import MetricsWriter, StepMetrics
 from mmstore_trainer.pack import MicroBatch, pack
 from mmstore_trainer.progress import RunProgress
 from mmstore_trainer.samples import SampleFileError, read_samples
+
+
+def training_stream(cfg: TrainConfig, counts: dict[str, int]) -> Iterator[Sample]:
+    """``steps * batch_size`` samples from the data (cycled), ``cfg.max_sample_tokens`` applied
+    under ``cfg.truncation``; truncated and dropped samples are counted in ``counts``."""
+    wanted, served = cfg.steps * cfg.batch_size, 0
+    for sample in sample_stream(list(cfg.data), 2**62):
+        if served == wanted:
+            return
+        if cfg.max_sample_tokens is not None and len(sample.token_ids) > cfg.max_sample_tokens:
+            cut = truncate_sample(sample, cfg.max_sample_tokens, cfg.truncation)
+            if cut is None:
+                counts["dropped_samples"] += 1
+                if served == 0 and counts["dropped_samples"] > 100_000:
+                    raise SampleFileError(f"every sample is over max_sample_tokens={cfg.max_sample_tokens}")
+                continue
+            counts["truncated_samples"] += 1
+            sample = cut
+        served += 1
+        yield sample
 
 
 @dataclass
@@ -118,7 +139,11 @@ class Trainer:
         self._own_store = store is None
         self.store = store if store is not None else StoreClient(config.store, token=config.store_token)
         self.materializer = Materializer.from_pretrained(
-            config.model, self.store, missing_images=config.missing_images, processor=processor
+            config.model,
+            self.store,
+            missing_images=config.missing_images,
+            processor=processor,
+            strict_pixels=config.strict_pixels,
         )
         self.family = self.materializer.family
         self.banned_ids = (
@@ -188,6 +213,8 @@ class Trainer:
             micro_batches=len(micro),
             missing_images=sum(s.missing_images for s in batch),
             zero_loss_samples=sum(1 for s in batch if s.missing_images),
+            pixels_checked=sum(s.pixels_checked for s in batch),
+            pixel_mismatches=sum(s.pixel_mismatches for s in batch),
             fetched_bytes=sum(s.fetched_bytes for s in batch),
             fetch_s=sum(s.fetch_s for s in batch),
             preprocess_s=sum(s.preprocess_s for s in batch),
@@ -209,7 +236,8 @@ class Trainer:
         history: list[StepMetrics] = []
         checkpoint: Path | None = None
         t_run = time.perf_counter()
-        stream = sample_stream(list(cfg.data), total)
+        counts = {"truncated_samples": 0, "dropped_samples": 0}
+        stream = training_stream(cfg, counts)
         try:
             with (
                 RunProgress(total, cfg.steps, enabled=cfg.progress) as progress,
@@ -244,6 +272,7 @@ class Trainer:
             device=str(self.device),
             wait_s=sum(m.wait_s for m in history),
             wall_s=time.perf_counter() - t_run,
+            extra=dict(counts),
         )
 
     def close(self) -> None:

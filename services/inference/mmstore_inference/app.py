@@ -18,6 +18,7 @@ from .engine import Engine
 from .errors import EngineUnavailable, InferenceError, InvalidRequest
 from .fetch import DecodedCache, ImageFetcher
 from .metrics import InferenceMetrics
+from .openai_api import OpenAIChat
 from .service import GenerateService
 from .settings import InferenceSettings
 
@@ -36,6 +37,10 @@ def create_app(settings: InferenceSettings) -> FastAPI:
     metrics = InferenceMetrics(fetcher)
     engine = Engine(settings)
     service = GenerateService(engine, layout, tokenizer, fetcher, metrics)
+    writer = None
+    if settings.store_write_token:  # offload of chat requests' inline images; same byte cache
+        writer = AsyncStoreClient(settings.store, token=settings.store_write_token, cache=store.cache)
+    chat = OpenAIChat(settings, service, store, writer=writer)
 
     async def start_engine() -> None:
         try:
@@ -53,6 +58,7 @@ def create_app(settings: InferenceSettings) -> FastAPI:
         finally:
             starting.cancel()
             engine.shutdown()
+            await chat.aclose()
             await store.close()
 
     app = FastAPI(
@@ -61,6 +67,7 @@ def create_app(settings: InferenceSettings) -> FastAPI:
         description="vLLM that pulls image bytes from mmstore by digest on every request, token-exact.",
     )
     app.state.service = service
+    app.include_router(chat.router)  # /v1/chat/completions, /v1/models: OpenAI's error shape
 
     def error(exc: InferenceError) -> JSONResponse:
         metrics.requests.labels(exc.code).inc()

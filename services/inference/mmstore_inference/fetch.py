@@ -55,12 +55,22 @@ class ImageFetcher:
         self.store = store
         self.decoded = decoded
         self._decoding: dict[str, asyncio.Future[Image.Image]] = {}
+        self._pixel_digests: dict[str, str] = {}
         self.decoded_hits = 0
         self.decodes = 0
 
     async def images(self, descriptors: list[Descriptor]) -> list[Image.Image]:
         """The decoded images of ``descriptors``, in order; raises the service's errors."""
         return list(await asyncio.gather(*(self._image(i, d) for i, d in enumerate(descriptors))))
+
+    def pixel_digest(self, digest: str, img: Image.Image) -> str:
+        """decode.pixel_digest of an image this fetcher decoded (memoised per digest)."""
+        known = self._pixel_digests.get(digest)
+        if known is None:
+            known = self._pixel_digests[digest] = decode.pixel_digest(img)
+            if len(self._pixel_digests) > 100_000:
+                self._pixel_digests.pop(next(iter(self._pixel_digests)))
+        return known
 
     async def _image(self, index: int, desc: Descriptor) -> Image.Image:
         img = self.decoded.get(desc.digest)

@@ -134,6 +134,7 @@ class GenerateService:
         return GenerateResponse(
             request_id=request_id,
             prompt_token_ids=result.prompt_token_ids,
+            pixel_digests=[self.fetcher.pixel_digest(d, img) for d, img in zip(digests, images, strict=True)],
             samples=result.completions,
             usage=Usage(
                 prompt_tokens=len(ids),

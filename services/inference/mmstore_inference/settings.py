@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # the store's run ids
+
 
 class InferenceSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -38,3 +40,17 @@ class InferenceSettings(BaseSettings):
     decoded_cache_bytes: int = Field(512 << 20, ge=0, description="decoded RGB images kept by digest")
     # policy
     forbid_image_tokens: bool = Field(True, description="default for sampling.allow_image_tokens=False")
+    # the OpenAI-compatible endpoint (/v1/chat/completions, /v1/models)
+    served_model_name: str | None = Field(
+        None, description="the model id of /v1/models and of requests' `model`; default: the folder's name"
+    )
+    store_write_token: str | None = Field(
+        None,
+        description="token with the write scope, to offload chat requests' inline images (else store_token)",
+    )
+    offload_run: str = Field(
+        "openai", pattern=RUN_PATTERN, description="store run of offloaded images when a request names none"
+    )
+    offload_fetch_http: bool = Field(
+        True, description="fetch chat requests' http(s) image URLs and offload them (false: refuse them)"
+    )

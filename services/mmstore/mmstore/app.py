@@ -10,14 +10,14 @@ from .blob_read import BlobReader
 from .errors import install_handlers
 from .fastpath import BlobFastPath
 from .metrics import MetricsMiddleware, StoreMetrics
-from .routes import admin, blobs, health, runs
+from .routes import admin, blobs, health, runs, ui
 from .settings import Settings
-from .storage.local import LocalStorage
+from .storage import open_storage
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    storage = LocalStorage(settings.root, fsync=settings.fsync)
+    storage = open_storage(settings)
     metrics = StoreMetrics()
     authorizer = Authorizer(settings.token_scopes())
     reader = BlobReader(storage, settings.info_cache_entries)
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (blobs.router, runs.router, admin.router, health.router):
         app.include_router(router)
+    app.include_router(ui.router)  # the viewer (/ui) and the rollout-metadata API
     # the last added middleware is the outermost: the fast path answers before the metrics
     # middleware (it counts its own requests), everything else is counted there.
     app.add_middleware(MetricsMiddleware, metrics=metrics)

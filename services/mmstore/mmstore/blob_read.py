@@ -2,13 +2,16 @@
 
 Blobs are immutable and content-addressed, so the ETag is the digest, caches may keep a
 response forever, and the ``digest -> BlobInfo`` lookup is cached in memory (a GC'd blob
-shows up as a missing file and is evicted).
+shows up as a missing file and is evicted). A ``remote`` backend (a bucket) is looked up in a
+worker thread and its bytes are streamed chunk by chunk (``BlobReply.stream``), so neither a slow
+bucket nor a large blob holds the event loop or memory; local reads are unchanged.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -28,6 +31,7 @@ class BlobReply:
     status: int
     headers: dict[str, str]
     body: bytes
+    stream: AsyncIterator[bytes] | None = None  # remote backends: the body as chunks (body is b"")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -63,16 +67,23 @@ class BlobReader:
         self._cache: OrderedDict[str, BlobInfo] = OrderedDict()
         self._cache_entries = cache_entries
 
+    def _remember(self, digest: str, info: BlobInfo | None) -> BlobInfo:
+        if info is None:
+            raise NotFoundError(f"blob {digest} not found", digest=digest)
+        if self._cache_entries:
+            self._cache[digest] = info
+            if len(self._cache) > self._cache_entries:
+                self._cache.popitem(last=False)
+        return info
+
     def _info(self, digest: str) -> BlobInfo:
         info = self._cache.get(digest)
+        return info if info is not None else self._remember(digest, self.storage.info(digest))
+
+    async def _remote_info(self, digest: str) -> BlobInfo:
+        info = self._cache.get(digest)
         if info is None:
-            info = self.storage.info(digest)
-            if info is None:
-                raise NotFoundError(f"blob {digest} not found", digest=digest)
-            if self._cache_entries:
-                self._cache[digest] = info
-                if len(self._cache) > self._cache_entries:
-                    self._cache.popitem(last=False)
+            info = self._remember(digest, await anyio.to_thread.run_sync(self.storage.info, digest))
         return info
 
     async def read(
@@ -80,7 +91,7 @@ class BlobReader:
     ) -> BlobReply:
         if not is_digest(digest):
             raise InvalidDigestError(f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>")
-        info = self._info(digest)
+        info = await self._remote_info(digest) if self.storage.remote else self._info(digest)
         etag = f'"{digest}"'
         headers = {"etag": etag, "cache-control": CACHE_CONTROL, "accept-ranges": "bytes"}
         if if_none_match and (if_none_match.strip() == "*" or etag in if_none_match):
@@ -96,8 +107,17 @@ class BlobReader:
             headers["content-range"] = f"bytes {start}-{end}/{info.size}"
         if head:
             return BlobReply(status, headers, b"")
+        if self.storage.remote:
+            return BlobReply(status, headers, b"", await self._open_stream(digest, start, length))
         body = await self._read(digest, start, length, info.size)
         return BlobReply(status, headers, body)
+
+    async def _open_stream(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
+        try:
+            return await self.storage.open_stream(digest, start, length)
+        except FileNotFoundError:
+            self._cache.pop(digest, None)
+            raise NotFoundError(f"blob {digest} not found", digest=digest) from None
 
     async def _read(self, digest: str, start: int, length: int, size: int) -> bytes:
         def read() -> bytes:

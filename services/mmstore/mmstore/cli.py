@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .settings import Settings
+from .storage import Storage, open_storage
 
 app = typer.Typer(help="mmstore: content-addressed, run-scoped image asset store", no_args_is_help=True)
 console = Console(stderr=True)
@@ -25,9 +27,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_STORAGE_HELP = (
+    "s3://bucket[/prefix]: an S3-compatible bucket instead of --root (AWS_* env vars, "
+    "AWS_ENDPOINT_URL included) [env MMSTORE_STORAGE]"
+)
+
+
 def _settings(**flags) -> Settings:
     """Flags given on the command line win over MMSTORE_* env vars, which win over defaults."""
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]{'.'.join(map(str, err['loc']))}: {err['msg']}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _open_storage(settings: Settings) -> Storage:
+    """The configured backend, checked writable: a bucket that is absent or refuses us exits 2."""
+    try:
+        storage = open_storage(settings)
+        storage.check_writable()
+    except Exception as exc:
+        where = settings.storage or settings.root
+        console.print(
+            f"[red]cannot write to {where}: {exc}[/red]\n"
+            "For s3:// check that the bucket exists and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            "AWS_REGION / AWS_ENDPOINT_URL are set for it."
+        )
+        raise typer.Exit(2) from None
+    return storage
 
 
 @app.command()
@@ -39,22 +68,27 @@ def serve(
     root: Annotated[
         Path | None, typer.Option(help="storage directory [env MMSTORE_ROOT, default ./data]")
     ] = None,
+    storage: Annotated[str | None, typer.Option(help=_STORAGE_HELP)] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes [env MMSTORE_WORKERS]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Run the HTTP service."""
     import uvicorn
 
-    settings = _settings(host=host, port=port, root=root, workers=workers)
+    settings = _settings(host=host, port=port, root=root, storage=storage, workers=workers)
     if not settings.token_scopes() and not is_loopback(settings.host):
         console.print(
             f"[red]refusing to bind {settings.host}: no tokens are configured, so every scope "
             "would be open. Set MMSTORE_TOKENS or MMSTORE_TOKENS_FILE, or bind 127.0.0.1.[/red]"
         )
         raise typer.Exit(2)
-    settings.root.mkdir(parents=True, exist_ok=True)
+    if settings.storage:
+        _open_storage(settings)  # fail here, naming the fix, rather than in every request
+    else:
+        settings.root.mkdir(parents=True, exist_ok=True)
+    where = f"storage={settings.storage}" if settings.storage else f"root={settings.root.resolve()}"
     console.print(
-        f"mmstore on http://{settings.host}:{settings.port} root={settings.root.resolve()} "
+        f"mmstore on http://{settings.host}:{settings.port} {where} "
         f"workers={settings.workers} auth={'tokens' if settings.token_scopes() else 'open (loopback)'}"
     )
     # Workers are separate processes that read their settings from the environment.
@@ -63,6 +97,7 @@ def serve(
             "MMSTORE_ROOT": str(settings.root.resolve()),
             "MMSTORE_HOST": settings.host,
             "MMSTORE_PORT": str(settings.port),
+            "MMSTORE_STORAGE": settings.storage or "",
         }
     )
     uvicorn.run(
@@ -79,20 +114,19 @@ def serve(
 @app.command()
 def fsck(
     root: Annotated[Path | None, typer.Option(help="storage directory [env MMSTORE_ROOT]")] = None,
+    storage: Annotated[str | None, typer.Option(help=_STORAGE_HELP)] = None,
     quarantine: Annotated[
         bool, typer.Option(help="move corrupt blobs to quarantine/ and forget them")
     ] = False,
 ) -> None:
     """Re-hash every blob; report (and optionally quarantine) those whose bytes no longer match."""
-    from .storage.local import LocalStorage
-
-    storage = LocalStorage(_settings(root=root).root)
-    total = sum(r.bytes for r in storage.runs()) or None
+    backend = _open_storage(_settings(root=root, storage=storage))
+    total = sum(r.bytes for r in backend.runs()) or None
     with Progress(
         TextColumn("fsck"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console
     ) as progress:
         task = progress.add_task("fsck", total=total)
-        report = storage.fsck(quarantine=quarantine, progress=lambda n: progress.advance(task, n))
+        report = backend.fsck(quarantine=quarantine, progress=lambda n: progress.advance(task, n))
     console.print(
         f"checked {report.checked} blobs: {len(report.corrupt)} corrupt, {len(report.missing)} missing"
     )
@@ -100,6 +134,8 @@ def fsck(
         console.print(f"corrupt{' (quarantined)' if quarantine else ''}: {d}")
     for d in report.missing:
         console.print(f"missing: {d}")
+    for run in report.recounted:
+        console.print(f"recounted run {run} (its blob count or bytes were off; repaired)")
     if report.corrupt or report.missing:
         raise typer.Exit(1)
 
@@ -107,11 +143,10 @@ def fsck(
 @app.command()
 def gc(
     root: Annotated[Path | None, typer.Option(help="storage directory [env MMSTORE_ROOT]")] = None,
+    storage: Annotated[str | None, typer.Option(help=_STORAGE_HELP)] = None,
     grace_seconds: Annotated[float | None, typer.Option(help="keep garbage younger than this")] = None,
 ) -> None:
     """Delete unreferenced blobs older than the grace period (offline; the API has POST /v1/gc)."""
-    from .storage.local import LocalStorage
-
-    settings = _settings(root=root, gc_grace_seconds=grace_seconds)
-    report = LocalStorage(settings.root).gc(settings.gc_grace_seconds)
+    settings = _settings(root=root, storage=storage, gc_grace_seconds=grace_seconds)
+    report = _open_storage(settings).gc(settings.gc_grace_seconds)
     console.print_json(report.model_dump_json())

@@ -46,6 +46,7 @@ class BlobFastPath:
             if k in (b"authorization", b"range", b"if-none-match"):
                 headers[k] = v.decode("latin-1")
         head = scope["method"] == "HEAD"
+        stream = None
         try:
             self.authorizer.check(headers.get(b"authorization"), "read")
             reply = await self.reader.read(
@@ -54,7 +55,7 @@ class BlobFastPath:
                 range_header=headers.get(b"range"),
                 if_none_match=headers.get(b"if-none-match"),
             )
-            status, out_headers, body = reply.status, reply.headers, reply.body
+            status, out_headers, body, stream = reply.status, reply.headers, reply.body, reply.stream
         except ApiError as exc:
             status, body = exc.status, json.dumps(exc.body()).encode()
             out_headers = {"content-type": "application/json", "content-length": str(len(body))}
@@ -68,9 +69,17 @@ class BlobFastPath:
                 "headers": [(k.encode(), v.encode()) for k, v in out_headers.items()],
             }
         )
-        await send({"type": "http.response.body", "body": b"" if head else body})
-        if not head:
-            self.metrics.bytes_out.inc(len(body))
+        if stream is not None:  # a remote backend's bytes, as they arrive
+            sent = 0
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
+            await send({"type": "http.response.body", "body": b""})
+            self.metrics.bytes_out.inc(sent)
+        else:
+            await send({"type": "http.response.body", "body": b"" if head else body})
+            if not head:
+                self.metrics.bytes_out.inc(len(body))
         key = (scope["method"], status)
         counter = self._requests.get(key)
         if counter is None:

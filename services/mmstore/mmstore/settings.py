@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .storage.s3_layout import parse_url
+
 Scope = Literal["read", "write", "admin"]
 
 
@@ -18,6 +20,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8700
     root: Path = Field(Path("./data"), description="local storage directory")
+    storage: str | None = Field(
+        None,
+        description="s3://bucket[/prefix]: keep everything in an S3-compatible bucket (AWS_* variables "
+        "for credentials, region and AWS_ENDPOINT_URL) instead of the local directory root",
+    )
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     tokens: dict[str, list[Scope]] = Field(
         default_factory=dict,
@@ -33,6 +40,14 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync blobs and the index before acknowledging a PUT")
     fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
     info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parse_url(value)  # ValueError naming the expected form
+        return value
 
     @field_validator("tokens", mode="before")
     @classmethod

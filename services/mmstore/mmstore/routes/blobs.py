@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from mmstore_client.digest import is_digest
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
 
@@ -83,7 +84,16 @@ async def get_blob(
     reply = await request.app.state.blob_reader.read(
         digest, head=request.method == "HEAD", range_header=range, if_none_match=if_none_match
     )
-    request.app.state.metrics.bytes_out.inc(len(reply.body))
+    metrics = request.app.state.metrics
+    if reply.stream is not None:  # a remote backend's bytes, as they arrive
+
+        async def counted(stream=reply.stream):
+            async for chunk in stream:
+                metrics.bytes_out.inc(len(chunk))
+                yield chunk
+
+        return StreamingResponse(counted(), status_code=reply.status, headers=reply.headers)
+    metrics.bytes_out.inc(len(reply.body))
     return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
 

@@ -5,13 +5,18 @@ Blobs no live run links become garbage; :meth:`Storage.gc` deletes garbage older
 period. Implementations must make ``put`` atomic (no partial blob ever visible) and race-free
 (concurrent puts of one digest end with one blob), and must serialise ``put``'s existence check
 against ``gc``'s deletion so a blob being (re)linked is never deleted.
+
+Backends: :mod:`.local` (a directory with a SQLite index) and :mod:`.s3` (any S3-compatible
+bucket, shared by any number of replicas); :func:`mmstore.storage.open_storage` picks one.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
 
@@ -29,9 +34,15 @@ class FsckReport:
     checked: int
     corrupt: list[str]  # digests whose bytes no longer match (quarantined when asked)
     missing: list[str]  # indexed digests whose bytes are gone
+    recounted: list[str] = field(default_factory=list)  # runs whose blob count / bytes were repaired
 
 
 class Storage(ABC):
+    #: Reads cross the network (an object store). :class:`~mmstore.blob_read.BlobReader` then looks
+    #: blobs up in a worker thread and sends bytes from :meth:`open_stream` (never blocking the event
+    #: loop, never buffering a whole blob). Local backends leave it False and are read with :meth:`read`.
+    remote: ClassVar[bool] = False
+
     @abstractmethod
     def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
         """Store verified ``data`` under ``digest`` (if absent) and link it to ``run``."""
@@ -46,6 +57,14 @@ class Storage(ABC):
     @abstractmethod
     def read(self, digest: str, start: int, length: int) -> bytes:
         """``length`` bytes of the blob from ``start``; FileNotFoundError when it is gone."""
+
+    async def open_stream(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
+        """The same bytes as :meth:`read`, as chunks, for ``remote`` backends.
+
+        The backend's response has started when this returns, so a blob that is gone raises
+        FileNotFoundError here, before the HTTP response is begun.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is read with read()")
 
     @abstractmethod
     def missing(self, digests: list[str]) -> list[str]: ...
@@ -66,7 +85,8 @@ class Storage(ABC):
     def gc(self, grace_seconds: float) -> GcReport: ...
 
     @abstractmethod
-    def fsck(self, *, quarantine: bool) -> FsckReport: ...
+    def fsck(self, *, quarantine: bool, progress: Callable[[int], None] | None = None) -> FsckReport:
+        """Re-hash every blob (``progress(size)`` after each); repair what can be repaired."""
 
     @abstractmethod
     def check_writable(self) -> None:

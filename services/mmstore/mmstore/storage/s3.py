@@ -1,0 +1,409 @@
+"""S3-compatible backend (AWS S3, MinIO, R2, GCS's S3 API): stateless replicas over one bucket.
+
+Everything lives in the bucket (layout in :mod:`.s3_layout`): blobs with their BlobInfo as object
+metadata, run links as empty marker objects (``links/<run>/...`` per run, ``refs/<hex>/<run>`` per
+blob), per-run counters, and per-blob guards. No replica keeps state that another needs, so any
+number of them serve one bucket with no shared disk and no coordination:
+
+- blobs are created with ``If-None-Match: *``: concurrent uploads of one digest, through any
+  replicas, end as one object, and exactly one of them answers 201;
+- links are created with ``If-None-Match: *`` too, so only the request that created a link counts
+  it; run counters (``runs/<run>.json``) are then updated by compare-and-swap on their ETag
+  (``If-Match``) with jittered retries. GET /v1/runs/{run} is one small GET, whatever the run's
+  size; GET /v1/runs is one LIST plus one GET per run. A replica that dies between a link and its
+  count leaves the count short by one: ``mmstore fsck`` recounts (also after a run was deleted
+  while uploads into that same run were still arriving);
+- GC and uploads agree through each blob's guard (:mod:`.s3_guard`, where the reasoning is), so a
+  blob linked by any live run is never deleted, also while another replica is linking it.
+
+Costs, in requests: a new blob about 7 (HEAD, guard, PUT, ref, link, counter, verify); linking a
+stored blob about 7 (HEAD twice, guard read, ref, link, counter, verify); a GET or HEAD one,
+streamed from the bucket; a page of a run's blobs one GET and one LIST (the BlobInfo is in the
+link's key); deleting a run with n links about 3n; GC one LIST per 1000 refs, blobs and guards,
+plus 6 per blob it deletes. A counter update is one conditional PUT against the counter this
+replica last saw, two more requests per conflict.
+
+Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL,
+AWS_VIRTUAL_HOSTED_STYLE_REQUEST, web identity and instance credentials), read by obstore; an
+``http://`` endpoint (MinIO, tests) is allowed without more configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import obstore
+from mmstore_client.digest import DigestHasher, digest_hex
+from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import S3Store
+
+from .base import FsckReport, PutResult, Storage
+from .s3_guard import CONFLICT, Guards, StorageBusyError, backoff
+from .s3_layout import (
+    BLOBS,
+    LINKS,
+    QUARANTINE,
+    REFS,
+    RUNS,
+    RunCounter,
+    blob_attributes,
+    blob_info,
+    blob_key,
+    guard_key,
+    link_key,
+    link_offset,
+    link_prefix,
+    parse_link,
+    parse_url,
+    ref_key,
+    run_key,
+)
+
+_ROUNDS = 8  # claim / verify rounds of one write; each is lost only to a GC deleting that blob
+_CAS_ATTEMPTS = 64  # compare-and-swap attempts on one run counter
+_CHUNK = 256 << 10  # bytes per chunk streamed to a client
+_FANOUT = 16  # concurrent requests of one call (missing, runs, delete_run, gc, fsck)
+_REFS_BY_LISTING = 1000  # deleting more links than this: list all refs once rather than per blob
+_COUNTERS_CACHED = 10_000  # run counters remembered (with their ETag) for one-request updates
+
+
+class S3Storage(Storage):
+    remote: ClassVar[bool] = True
+
+    def __init__(
+        self, url: str, *, config: dict[str, Any] | None = None, client_options: dict[str, Any] | None = None
+    ) -> None:
+        """``config``: obstore S3 settings over the AWS_* environment (tests pass the endpoint here)."""
+        self.url = url
+        bucket, prefix = parse_url(url)
+        endpoint = (config or {}).get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        options: dict[str, Any] = {"connect_timeout": "5s", "timeout": "60s"}
+        if endpoint.startswith("http://"):
+            options["allow_http"] = True
+        options.update(client_options or {})
+        self.store = S3Store(
+            bucket,
+            prefix=prefix or None,
+            config=config or None,
+            client_options=options,
+            retry_config={"max_retries": 4, "retry_timeout": timedelta(seconds=30)},
+        )
+        self.guards = Guards(self.store)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._counters: OrderedDict[str, tuple[RunCounter, str]] = OrderedDict()  # run -> (last seen, ETag)
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, ``_FANOUT`` requests at a time (obstore releases the GIL)."""
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_FANOUT, thread_name_prefix="mmstore-s3")
+        return list(self._pool.map(fn, items))
+
+    def _list(self, prefix: str, offset: str | None = None) -> Iterator[dict[str, Any]]:
+        for chunk in obstore.list(self.store, prefix, offset=offset, chunk_size=1000):
+            yield from chunk
+
+    def _head(self, hexd: str) -> BlobInfo | None:
+        try:
+            result = obstore.get(self.store, blob_key(hexd), options={"head": True})
+        except FileNotFoundError:
+            return None
+        return blob_info(f"blake3:{hexd}", result.meta["size"], result.attributes)
+
+    def _create_blob(self, hexd: str, data: bytes, info: BlobInfo) -> bool:
+        """One conditional PUT (never multipart: that cannot be conditional); False if it existed."""
+        try:
+            obstore.put(
+                self.store,
+                blob_key(hexd),
+                data,
+                mode="create",
+                attributes=blob_attributes(info),
+                use_multipart=False,
+            )
+        except AlreadyExistsError:
+            return False
+        return True
+
+    def _has_refs(self, hexd: str) -> bool:
+        return next(self._list(f"{REFS}{hexd}/"), None) is not None
+
+    def _counter(self, run: str) -> tuple[RunCounter, str] | None:
+        try:
+            result = obstore.get(self.store, run_key(run))
+        except FileNotFoundError:
+            self._counters.pop(run, None)
+            return None
+        current = RunCounter.decode(bytes(result.bytes())), result.meta["e_tag"]
+        self._remember_counter(run, current)
+        return current
+
+    def _remember_counter(self, run: str, current: tuple[RunCounter, str]) -> None:
+        with self._pool_lock:
+            self._counters[run] = current
+            self._counters.move_to_end(run)
+            if len(self._counters) > _COUNTERS_CACHED:
+                self._counters.popitem(last=False)
+
+    def _update_counter(self, run: str, change: Callable[[RunCounter], RunCounter | None]) -> None:
+        """Compare-and-swap ``runs/<run>.json`` (created when absent); ``change`` None: leave it.
+
+        The first attempt swaps against the counter this replica last saw (one request when no
+        other replica wrote it since); a conflict reads it afresh.
+        """
+        current = self._counters.get(run)
+        for attempt in range(_CAS_ATTEMPTS):
+            if current is None or attempt > 0:
+                current = self._counter(run)
+            counter, etag = current if current else (RunCounter.new(), None)
+            new = change(counter)
+            if new is None:
+                return
+            mode = "create" if etag is None else {"e_tag": etag}
+            try:
+                put = obstore.put(self.store, run_key(run), new.encode(), mode=mode, use_multipart=False)
+            except CONFLICT:
+                if attempt > 0:
+                    backoff(attempt)
+                continue
+            self._remember_counter(run, (new, put["e_tag"]))
+            return
+        raise StorageBusyError(f"run {run!r}: too many concurrent updates of its counter; retry", run=run)
+
+    def _link(self, run: str, info: BlobInfo) -> None:
+        """Ref first, then the link: a crash in between keeps the blob, never loses a live one."""
+        hexd = digest_hex(info.digest)
+        obstore.put(self.store, ref_key(hexd, run), b"", use_multipart=False)
+        try:
+            obstore.put(self.store, link_key(run, info), b"", mode="create", use_multipart=False)
+        except AlreadyExistsError:
+            return  # linked before: counted then
+
+        def count(c: RunCounter) -> RunCounter:
+            return RunCounter(c.blob_count + 1, c.bytes + info.size, c.created_at, time.time())
+
+        self._update_counter(run, count)
+
+    # -- Storage ------------------------------------------------------------------------
+    def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
+        hexd = digest_hex(digest)
+        created = False
+        for attempt in range(_ROUNDS):
+            etag = self.guards.claim(hexd, new=attempt == 0)
+            stored = info if self._create_blob(hexd, data, info) else self._head(hexd)
+            if stored is None:
+                continue  # deleted between our PUT's 412 and the HEAD: claim again
+            created = created or stored is info
+            self._link(run, stored)
+            if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
+                return PutResult(stored, created=created)
+        raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
+
+    def link_existing(self, run: str, digest: str) -> BlobInfo | None:
+        hexd = digest_hex(digest)
+        if self._head(hexd) is None:  # the common case for new uploads: no claim, no write
+            return None
+        for _ in range(_ROUNDS):
+            etag = self.guards.claim(hexd)
+            info = self._head(hexd)  # after the claim: only now does "exists" stay true
+            if info is None:
+                return None
+            self._link(run, info)
+            if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
+                return info
+        raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
+
+    def info(self, digest: str) -> BlobInfo | None:
+        return self._head(digest_hex(digest))
+
+    def read(self, digest: str, start: int, length: int) -> bytes:
+        key = blob_key(digest_hex(digest))
+        return bytes(obstore.get_range(self.store, key, start=start, length=length))
+
+    async def open_stream(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
+        result = await obstore.get_async(
+            self.store, blob_key(digest_hex(digest)), options={"range": (start, start + length)}
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in result.stream(min_chunk_size=_CHUNK):
+                yield bytes(chunk)
+
+        return chunks()
+
+    def missing(self, digests: list[str]) -> list[str]:
+        unique = list(dict.fromkeys(digests))
+        present = self._map(lambda d: self._head(digest_hex(d)) is not None, unique)
+        return [d for d, here in zip(unique, present, strict=True) if not here]
+
+    def runs(self) -> list[RunInfo]:
+        keys = [m["path"] for m in self._list(RUNS)]
+        names = sorted(k[len(RUNS) : -len(".json")] for k in keys if k.endswith(".json"))
+        found = self._map(self.run, names)
+        return [r for r in found if r is not None]
+
+    def run(self, run: str) -> RunInfo | None:
+        current = self._counter(run)
+        return current[0].info(run) if current else None
+
+    def run_blobs(self, run: str, *, limit: int, cursor: str | None) -> RunBlobPage | None:
+        if self._counter(run) is None and not self._links_exist(run):
+            return None
+        offset = link_offset(run, cursor) if cursor else None
+        blobs: list[BlobInfo] = []
+        more = False
+        for meta in self._list(link_prefix(run), offset):
+            if len(blobs) == limit:
+                more = True
+                break
+            blobs.append(parse_link(meta["path"])[1])
+        return RunBlobPage(run=run, blobs=blobs, next_cursor=blobs[-1].digest if more else None)
+
+    def _links_exist(self, run: str) -> bool:
+        return next(self._list(link_prefix(run)), None) is not None
+
+    def delete_run(self, run: str) -> RunDeleted | None:
+        if self._counter(run) is None and not self._links_exist(run):
+            return None
+        keys = [m["path"] for m in self._list(link_prefix(run))]
+        hexes = [digest_hex(parse_link(k)[1].digest) for k in keys]
+        # links before refs: an interrupted delete leaves refs (blobs kept), never the reverse
+        for i in range(0, len(keys), 1000):
+            obstore.delete(self.store, keys[i : i + 1000])
+        refs = [ref_key(h, run) for h in hexes]
+        for i in range(0, len(refs), 1000):
+            obstore.delete(self.store, refs[i : i + 1000])
+        obstore.delete(self.store, run_key(run))
+        self._counters.pop(run, None)
+        if len(hexes) > _REFS_BY_LISTING:
+            referenced = {m["path"].split("/")[1] for m in self._list(REFS)}
+            orphans = [h for h in hexes if h not in referenced]
+        else:
+            orphans = [h for h, ref in zip(hexes, self._map(self._has_refs, hexes), strict=True) if not ref]
+        # orphans get the whole grace period from now, as in the local backend
+        self._map(lambda h: self.guards.claim(h, refresh=True), orphans)
+        return RunDeleted(run=run, unlinked=len(keys), orphaned=len(orphans))
+
+    def gc(self, grace_seconds: float) -> GcReport:
+        """Mark (list every ref) and sweep (each unreferenced blob through its guard)."""
+        cutoff = time.time() - grace_seconds
+        referenced = {m["path"].split("/")[1] for m in self._list(REFS)}
+        blobs = {m["path"][len(BLOBS) :]: m for m in self._list(BLOBS)}
+        candidates = [m for h, m in blobs.items() if h not in referenced]
+
+        def collect(meta: dict[str, Any]) -> str:
+            hexd = meta["path"][len(BLOBS) :]
+            mtime = meta["last_modified"].timestamp()
+            return self.guards.collect(hexd, mtime, cutoff, lambda: self._has_refs(hexd))
+
+        outcomes = self._map(collect, candidates)
+        deleted = [m for m, o in zip(candidates, outcomes, strict=True) if o == "deleted"]
+        # guards whose blob never came (a claim for an upload that failed) or is gone
+        stray = [m["path"][len(guard_key("")) :] for m in self._list(guard_key(""))]
+        self._map(lambda h: self._drop_stray_guard(h, cutoff), [h for h in stray if h not in blobs])
+        return GcReport(
+            deleted=len(deleted),
+            bytes_freed=sum(m["size"] for m in deleted),
+            garbage_in_grace=outcomes.count("in_grace"),
+            grace_seconds=grace_seconds,
+        )
+
+    def _drop_stray_guard(self, hexd: str, cutoff: float) -> None:
+        """A guard without a blob, unused for the grace period, is deleted (a racing writer's
+        verify then fails and it claims afresh, so this is safe at any moment)."""
+        guard = self.guards.read(hexd)
+        if guard is not None and guard.used_at <= cutoff and guard.changed_at <= cutoff:
+            obstore.delete(self.store, guard_key(hexd))
+
+    def fsck(self, *, quarantine: bool, progress: Callable[[int], None] | None = None) -> FsckReport:
+        """Re-hash every blob, report links to absent blobs, and recount every run.
+
+        ``quarantine`` moves a corrupt blob to ``quarantine/`` and unlinks it from every run, so
+        clients get 404 (and upload again), never bad bytes. Counts are set from a listing of the
+        links, so run fsck while uploads are quiet: a link made meanwhile may go uncounted (and one
+        made to a corrupt digest during its quarantine may be lost).
+        """
+        blobs = {m["path"][len(BLOBS) :]: m["size"] for m in self._list(BLOBS)}
+
+        def check(hexd: str) -> str | None:
+            hasher = DigestHasher()
+            try:
+                for chunk in obstore.get(self.store, blob_key(hexd)).stream(min_chunk_size=1 << 20):
+                    hasher.update(chunk)
+            except FileNotFoundError:
+                return None  # collected since the listing
+            if progress:
+                progress(blobs[hexd])
+            return None if hasher.digest() == f"blake3:{hexd}" else hexd
+
+        corrupt = sorted(h for h in self._map(check, sorted(blobs)) if h)
+        if quarantine:
+            for hexd in corrupt:
+                self._quarantine(hexd)
+        refs: dict[str, list[str]] = {}
+        for m in self._list(REFS):
+            hexd, run = m["path"][len(REFS) :].split("/", 1)
+            refs.setdefault(hexd, []).append(run)
+        missing = sorted(f"blake3:{h}" for h in refs if h not in blobs)
+        return FsckReport(
+            checked=len(blobs),
+            corrupt=[f"blake3:{h}" for h in corrupt],
+            missing=missing,
+            recounted=self._recount_all(),
+        )
+
+    def _quarantine(self, hexd: str) -> None:
+        info = self._head(hexd)
+        if info is None:
+            return
+        obstore.copy(self.store, blob_key(hexd), QUARANTINE + hexd)
+        runs = [m["path"].rsplit("/", 1)[1] for m in self._list(f"{REFS}{hexd}/")]
+        # links first (the run stops listing it), then refs, the blob and its guard
+        obstore.delete(self.store, [link_key(run, info) for run in runs])
+        obstore.delete(self.store, [ref_key(hexd, run) for run in runs] + [blob_key(hexd), guard_key(hexd)])
+
+    def _recount_all(self) -> list[str]:
+        """Set every run's counter to what its links say; the runs whose counter was wrong."""
+        actual: dict[str, tuple[int, int]] = {}
+        for m in self._list(LINKS):
+            run, info = parse_link(m["path"])
+            count, size = actual.get(run, (0, 0))
+            actual[run] = (count + 1, size + info.size)
+        names = {m["path"][len(RUNS) : -len(".json")] for m in self._list(RUNS)}
+        runs = sorted(names | set(actual))
+        wrong = self._map(lambda run: self._set_count(run, *actual.get(run, (0, 0))), runs)
+        return [run for run, was_wrong in zip(runs, wrong, strict=True) if was_wrong]
+
+    def _set_count(self, run: str, count: int, size: int) -> bool:
+        """CAS the run's counter to ``count`` blobs of ``size`` bytes; whether it said otherwise."""
+        wrong = False
+
+        def recount(c: RunCounter) -> RunCounter | None:
+            nonlocal wrong
+            if (c.blob_count, c.bytes) == (count, size):
+                return None
+            wrong = True
+            return RunCounter(count, size, c.created_at, time.time())
+
+        self._update_counter(run, recount)
+        return wrong
+
+    def check_writable(self) -> None:
+        probe = f"readyz/{uuid.uuid4().hex}"
+        obstore.put(self.store, probe, b"ok", use_multipart=False)
+        obstore.delete(self.store, probe)
