@@ -99,3 +99,31 @@ def test_refusals_have_codes():
     with pytest.raises(decode.ImageTooLarge) as e:
         decode.probe(encode(Image.new("1", (5000, 5000)), "PNG"), max_pixels=1_000_000)
     assert e.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_matches_pil_and_probe(orientation):
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(rng.integers(0, 255, (20, 36, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt in ("PNG", "TIFF"):  # lossless, so pixels compare exactly
+        data = encode(img, fmt, exif=exif)
+        out = decode.decode_rgb(data)
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        assert out.tobytes() == expected.tobytes(), (fmt, orientation)
+        header = decode.probe(data)
+        assert (header.width, header.height) == out.size
+
+
+def test_probe_reads_headers_only():
+    """A probe never decodes pixels: a PNG whose pixel data is garbage still probes."""
+    data = bytearray(encode(Image.new("RGB", (300, 200), (1, 2, 3)), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 8 : idat + 20] = b"\\x00" * 12  # corrupt the compressed pixels
+    header = decode.probe(bytes(data))
+    assert (header.width, header.height) == (300, 200)
+    with pytest.raises(decode.CorruptImage):
+        decode.decode_rgb(bytes(data))

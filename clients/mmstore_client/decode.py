@@ -9,7 +9,9 @@ The rule, decided once:
 * Orientation: EXIF orientation IS applied (``ImageOps.exif_transpose``). That is what a person
   looking at the photo sees and what vLLM's and transformers' own URL loaders do. The width and
   height of the oriented image are the image's size for every layout computation;
-  :func:`probe` reads them from the header (a 90/270 degree orientation swaps them).
+  :func:`probe` reads them from the header (a 90/270 degree orientation swaps them), without
+  decoding pixels: for PNG only an ``eXIf`` chunk before the pixel data counts (as the PNG
+  specification places it); for TIFF the result is PIL's (its decoder applies the orientation).
   The store's BlobInfo reports the raw header size (PIL's ``size``), without orientation.
 * Frames: the first frame of a multi-frame file (GIF, APNG, WebP, TIFF).
 * Modes: everything ends as 8-bit ``RGB``:
@@ -27,7 +29,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Only these formats are images we accept; PIL's name -> the MIME type we serve.
 FORMAT_MIME: dict[str, str] = {
@@ -49,6 +51,16 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageError(ValueError):
@@ -105,10 +117,26 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) from the header alone.
+
+    PNG keeps EXIF in an ``eXIf`` chunk; PIL's ``getexif()`` on a PNG decodes the whole image to
+    look for one after the pixel data. The PNG specification puts ``eXIf`` before the first
+    ``IDAT``, so only a chunk seen while opening (``info["exif"]``) counts, in :func:`probe` and
+    in :func:`decode_rgb` alike.
+    """
     try:
-        return int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(_ORIENTATION_TAG, 1) or 1)
     except Exception:
         return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -124,7 +152,9 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
         raise ImageTooLarge(
             f"image is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of {max_pixels}"
         )
-    swap = _orientation(img) in _SWAPPING_ORIENTATIONS
+    # TIFF: PIL's libtiff decoder applies the orientation while loading without swapping the
+    # stored width/height (checked against ImageOps.exif_transpose in the tests), so TIFF keeps them.
+    swap = img.format != "TIFF" and _orientation(img) in _SWAPPING_ORIENTATIONS
     return ImageHeader(
         format=img.format,
         mime=FORMAT_MIME[img.format],
@@ -194,10 +224,16 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     """Bytes -> oriented, first-frame, 8-bit RGB image. The one rule; see the module docstring."""
     probe(data, max_pixels=max_pixels)
     img = _open(data)
+    header_orientation = _orientation(img)
     try:
         img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
     except Exception as exc:
         raise CorruptImage(f"image data is truncated or corrupt: {exc}") from exc
+    # PNG: the header's eXIf only (see _orientation). Others: read after loading, as
+    # ImageOps.exif_transpose does, because some decoders (libtiff) apply the orientation
+    # themselves while loading and clear the tag.
+    orientation = header_orientation if img.format == "PNG" else _orientation(img)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
     return to_rgb(img)
