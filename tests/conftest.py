@@ -220,3 +220,19 @@ def store_backend(request) -> str:
     ``store`` / ``auth_store`` with it (``s3_store`` / ``s3_auth_store`` for "s3"), so each of their
     tests runs once per backend while every other test file keeps the one local ``store``."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def parts(store, inference, tiny_qwen2_vl):
+    """Every part of the data path on the real services: a store client, the renderer, an
+    inference client and the trainer's materializer (strict about pixels)."""
+    from mmstore_client import StoreClient
+    from mmstore_client.inference import InferenceClient
+    from mmstore_client.render import Renderer
+    from mmstore_trainer.data import Materializer
+
+    client = StoreClient(store.url)
+    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    with InferenceClient(inference.url) as inf:
+        yield client, renderer, inf, Materializer.from_pretrained(tiny_qwen2_vl, client, strict_pixels=True)
+    client.close()

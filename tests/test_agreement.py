@@ -11,12 +11,11 @@ import io
 
 import numpy as np
 import pytest
-from mmstore_client import ConflictError, StoreClient, decode
-from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
+from mmstore_client import ConflictError, decode
+from mmstore_client.inference import GenerateRequest, SamplingOptions
 from mmstore_client.layouts import LayoutRefusal
 from mmstore_client.offload import OffloadError, OffloadPolicy, offload_messages
-from mmstore_client.render import Renderer
-from mmstore_trainer.data import MaterializationError, Materializer
+from mmstore_trainer.data import MaterializationError
 from mmstore_trainer.samples import sample_from_rendered
 from PIL import Image
 from support import noise_png
@@ -60,15 +59,6 @@ def uri(data: bytes) -> str:
 def user(text: str, *images: bytes, role: str = "user") -> dict:
     parts = [{"type": "image_url", "image_url": {"url": uri(i)}} for i in images]
     return {"role": role, "content": [*parts, {"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def parts(store, inference, tiny_qwen2_vl):
-    client = StoreClient(store.url)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
-    with InferenceClient(inference.url) as inf:
-        yield client, renderer, inf, Materializer.from_pretrained(tiny_qwen2_vl, client, strict_pixels=True)
-    client.close()
 
 
 def generate(inf, rendered, **sampling):

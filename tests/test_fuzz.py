@@ -20,13 +20,11 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mmstore_client import StoreClient
-from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
+from mmstore_client.inference import GenerateRequest, SamplingOptions
 from mmstore_client.offload import offload_messages
 from mmstore_client.placeholders import check_runs
-from mmstore_client.render import Renderer, RenderError
+from mmstore_client.render import RenderError
 from mmstore_client.truncate import TruncationPolicy, safe_cut, truncate_sample
-from mmstore_trainer.data import Materializer
 from mmstore_trainer.samples import sample_from_rendered
 from PIL import Image
 
@@ -73,15 +71,6 @@ def conversations(draw) -> list[list[dict]]:
         parts.insert(draw(st.integers(0, len(parts))), {"type": "text", "text": text})
         turns.append([{"role": draw(st.sampled_from(["user", "tool"])), "content": parts}])
     return turns
-
-
-@pytest.fixture(scope="module")
-def parts(store, inference, tiny_qwen2_vl):
-    client = StoreClient(store.url)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
-    with InferenceClient(inference.url) as inf:
-        yield client, renderer, inf, Materializer.from_pretrained(tiny_qwen2_vl, client, strict_pixels=True)
-    client.close()
 
 
 def _contains_real_special(turn: list[dict]) -> bool:

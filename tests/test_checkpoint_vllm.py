@@ -1,0 +1,68 @@
+"""A checkpoint the trainer saves is served by the inference service (vLLM) as it is."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import pytest
+from conftest import inference_process
+from mmstore_client import StoreClient
+from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
+from mmstore_client.offload import offload_messages
+from mmstore_client.render import Renderer
+from mmstore_trainer.config import TrainConfig
+from mmstore_trainer.samples import sample_from_rendered, write_samples
+from mmstore_trainer.train import train
+from support import noise_png
+
+pytestmark = pytest.mark.slow
+
+
+def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tmp_path):
+    client = StoreClient(store.url)
+    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    uri = "data:image/png;base64," + base64.b64encode(noise_png(3000, seed=5)).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]
+    rendered = renderer.render(offload_messages(messages, client, "ckpt"))
+    answer = [*renderer.tokenizer.encode("3", add_special_tokens=False), renderer.eos_token_id]
+    done = rendered.extend(answer, assistant=True)
+    data = tmp_path / "samples.jsonl"
+    write_samples(data, [sample_from_rendered(done, sample_id="s", advantages=1.0)])
+    report = train(
+        TrainConfig(
+            model=tiny_qwen2_vl,
+            data=[data],
+            out=tmp_path / "out",
+            store=store.url,
+            steps=1,
+            batch_size=1,
+            lr=1e-2,
+            progress=False,
+        )
+    )
+    assert report.checkpoint is not None
+
+    server = inference_process(report.checkpoint, store.url, tmp_path)
+    try:
+        server.start(timeout=300)
+        deadline = time.monotonic() + 600
+        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline and server.proc.poll() is None, f"see {server.log}"
+            time.sleep(1)
+        ckpt_renderer = Renderer.from_pretrained(report.checkpoint, client.get)
+        again = ckpt_renderer.render(offload_messages(messages, client, "ckpt"))
+        assert again.token_ids == rendered.token_ids, "the checkpoint renders exactly as the base model"
+        with InferenceClient(server.url) as inf:
+            response = inf.generate(
+                GenerateRequest(
+                    prompt_token_ids=again.token_ids,
+                    descriptors=again.descriptors,
+                    sampling=SamplingOptions(max_tokens=4, temperature=0.0),
+                )
+            )
+        assert response.prompt_token_ids == again.token_ids and response.samples[0].token_ids
+    finally:
+        server.stop()
+        client.close()
