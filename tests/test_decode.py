@@ -127,3 +127,18 @@ def test_probe_reads_headers_only():
     assert (header.width, header.height) == (300, 200)
     with pytest.raises(decode.CorruptImage):
         decode.decode_rgb(bytes(data))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_images_carry_no_orientation_for_vllm_to_reapply(orientation):
+    """vLLM's normalize_image applies EXIF orientation itself: after the rule, it must be a no-op."""
+    from vllm.multimodal.image import normalize_image
+
+    img = Image.new("RGB", (64, 32), (10, 200, 30))
+    img.paste((250, 0, 0), (0, 0, 16, 8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt in ("JPEG", "PNG"):
+        out = decode.decode_rgb(encode(img, fmt, exif=exif))
+        again = normalize_image(out)
+        assert again.size == out.size and again.tobytes() == out.tobytes(), (fmt, orientation)

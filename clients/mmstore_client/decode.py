@@ -51,6 +51,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATION_METADATA = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
 # EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -236,4 +237,11 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     orientation = header_orientation if img.format == "PNG" else _orientation(img)
     if orientation in _TRANSPOSE:
         img = img.transpose(_TRANSPOSE[orientation])
-    return to_rgb(img)
+    rgb = to_rgb(img)
+    if rgb is img:
+        rgb = img.copy()
+    # The pixels are upright now: drop the metadata that says otherwise, or a consumer that
+    # applies EXIF orientation itself (vLLM's normalize_image does) would rotate them again.
+    for key in _ORIENTATION_METADATA:
+        rgb.info.pop(key, None)
+    return rgb

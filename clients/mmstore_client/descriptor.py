@@ -34,6 +34,7 @@ PROCESSED_KEYS = frozenset(
         "mm_embeds",
     }
 )
+_PLAIN_NUMBERS = {int, float, bool}
 _BASE64_RUN = re.compile(r"^[A-Za-z0-9+/=\s]{4096,}$")
 _DATA_URI = re.compile(r"^data:[^,]{0,100};base64,", re.IGNORECASE)
 
@@ -63,6 +64,8 @@ def reject_processed(obj: Any, path: str = "$", *, allow_data_uris: bool = False
                 raise ProcessedPayloadError(sub, f"key {key!r}")
             reject_processed(value, sub, allow_data_uris=allow_data_uris)
     elif isinstance(obj, list | tuple):
+        if obj and set(map(type, obj)) <= _PLAIN_NUMBERS:  # token ids, masks, logprobs: fast path
+            return
         for i, value in enumerate(obj):
             reject_processed(value, f"{path}[{i}]", allow_data_uris=allow_data_uris)
     elif isinstance(obj, str):

@@ -64,13 +64,17 @@ class ImageFetcher:
         return list(await asyncio.gather(*(self._image(i, d) for i, d in enumerate(descriptors))))
 
     def pixel_digest(self, digest: str, img: Image.Image) -> str:
-        """decode.pixel_digest of an image this fetcher decoded (memoised per digest)."""
+        """decode.pixel_digest of an image this fetcher decoded (computed in the decode thread)."""
         known = self._pixel_digests.get(digest)
-        if known is None:
-            known = self._pixel_digests[digest] = decode.pixel_digest(img)
-            if len(self._pixel_digests) > 100_000:
-                self._pixel_digests.pop(next(iter(self._pixel_digests)))
+        if known is None:  # forgotten since: recompute
+            known = decode.pixel_digest(img)
+            self._remember_pixels(digest, known)
         return known
+
+    def _remember_pixels(self, digest: str, pixels: str) -> None:
+        self._pixel_digests[digest] = pixels
+        if len(self._pixel_digests) > 100_000:
+            self._pixel_digests.pop(next(iter(self._pixel_digests)))
 
     async def _image(self, index: int, desc: Descriptor) -> Image.Image:
         img = self.decoded.get(desc.digest)
@@ -116,12 +120,18 @@ class ImageFetcher:
             ) from None
         except (TransportError, ApiError) as exc:
             raise StoreUnavailable(f"store unavailable fetching {digest}: {exc}", digest=digest) from None
+
+        def decode_and_digest() -> tuple[Image.Image, str]:
+            img = decode.decode_rgb(data)
+            return img, decode.pixel_digest(img)
+
         try:
-            img = await asyncio.to_thread(decode.decode_rgb, data)
+            img, pixels = await asyncio.to_thread(decode_and_digest)
         except decode.ImageError as exc:
             raise CorruptAsset(
                 f"image {index} ({digest}) cannot be decoded: {exc}", image=index, digest=digest
             ) from None
         self.decodes += 1
         self.decoded.put(digest, img)
+        self._remember_pixels(digest, pixels)
         return img
