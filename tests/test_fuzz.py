@@ -8,7 +8,7 @@ its descriptor, every turn extends the previous one exactly, a truncated sample 
 image run, and the trainer sees the pixels inference sampled from (strict).
 
 CI runs a short budget (``HYPOTHESIS_PROFILE`` unset: 6 conversations); ``make fuzz`` runs the
-long one (``HYPOTHESIS_PROFILE=long``: 200 conversations).
+long one (``HYPOTHESIS_PROFILE=long``: 1000 conversations).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 settings.register_profile(
     "ci", max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
 )
-settings.register_profile("long", max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16"]
