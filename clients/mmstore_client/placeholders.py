@@ -92,5 +92,6 @@ def image_markup_ids(tokenizer, layout) -> set[int]:
     out of its log-softmax, so the policy it trains is the distribution that was sampled from.
     """
     ids = set(tokenizer.encode(layout.template_text, add_special_tokens=False))
-    ids.add(tokenizer.convert_tokens_to_ids(layout.image_token))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in (layout.image_token, *layout.other_media_tokens) if t in vocab)
     return ids

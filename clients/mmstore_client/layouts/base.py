@@ -81,6 +81,8 @@ class Layout(ABC, Generic[ConfigT]):
     image_token: ClassVar[str]  # the token counted by Placement.num_tokens
     placeholder: ClassVar[str]  # the token the processor replaces, one per image
     template_text: ClassVar[str]  # what the stock chat template emits for one image
+    # other media tokens the model must never be fed from sampled text (e.g. video placeholders)
+    other_media_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ConfigT | None = None) -> None:
         config = self.config_type() if config is None else config

@@ -37,6 +37,7 @@ class Glm4vLayout(Qwen2VLLayout):
     image_token = "<|image|>"
     placeholder = "<|image|>"
     template_text = "<|begin_of_image|><|image|><|end_of_image|>"
+    other_media_tokens = ("<|begin_of_video|>", "<|video|>", "<|end_of_video|>")
 
     def resize(self, height: int, width: int) -> tuple[int, int]:
         """GLM's ``smart_resize(num_frames=temporal_patch_size, ...)``, as (height, width)."""

@@ -51,6 +51,7 @@ class Qwen2VLLayout(Layout[Qwen2VLConfig]):
     image_token = "<|image_pad|>"
     placeholder = "<|image_pad|>"
     template_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    other_media_tokens = ("<|video_pad|>",)
 
     def place(self, width: int, height: int) -> Placement:
         resized_height, resized_width = self.resize(height, width)
