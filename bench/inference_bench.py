@@ -25,16 +25,9 @@ tables and rewrites the ``## Inference`` section of ``bench/RESULTS.md`` (betwee
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime as dt
 import os
-import platform
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,80 +37,39 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
+from benchlib import (
+    RESULTS,
+    KeepTmpOption,
+    OutputOption,
+    Processes,
+    WriteOption,
+    add_to_path,
+    cleanup,
+    console,
+    interrupt_on,
+    loadavg,
+    machine,
+    make_app,
+    md_table,
+    med,
+    open_env,
+    rich_table,
+    start_inference,
+    start_store,
+    tiny_model,
+    wait_ready,
+    write_section,
+)
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clients"))  # mmstore_client, if the venv lacks it
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # layout_bench's image generators
+add_to_path("clients")  # mmstore_client, if the venv lacks it
 
-console = Console(width=None if sys.stdout.isatty() else 170)
-START_MARK = "<!-- inference_bench:start -->"
-END_MARK = "<!-- inference_bench:end -->"
 RUN = "bench-inference"
 WARM_TARGET = 0.05  # warm overhead <= 5% of (b)'s latency
 COLD_TARGET_MS = 2.0  # cold overhead <= 2 ms per image plus transfer
 MAX_IMAGES = 16  # the service's default max_images_per_prompt
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Servers this script started, each in its own session (process group); all stopped on exit."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen, grace: float = 15) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)  # the group: uvicorn and vLLM's engine processes
-            try:
-                p.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)  # leftovers (engine processes whose parent died first)
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def stop_all(self) -> None:
-        for p in list(self.procs):
-            self.stop(p)
-
-
-def venv_cmd(name: str, module: str) -> list[str]:
-    exe = Path(sys.executable).parent / name
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from {module} import app; app()"]
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+app = make_app(__doc__)
 
 
 # --------------------------------------------------------------------------- workload
@@ -364,10 +316,6 @@ def costs_text(costs: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- stats and report
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def quartiles(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 4:
         return min(xs), max(xs)
@@ -466,38 +414,6 @@ def by_turn(samples: list[Sample], phase: str) -> list[tuple[int, int, float, fl
     return rows
 
 
-def machine() -> dict[str, str]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 SUMMARY_COLS = [
     "pass",
     "requests",
@@ -525,6 +441,7 @@ BREAKDOWN_COLS = [
     "cached tok (b)",
 ]
 TURN_COLS = ["pass", "turn", "images", "(a) ms", "(b) ms", "overhead ms", "fetch ms", "process ms"]
+LEFT = ("pass", "target")  # the other columns are numbers
 
 
 def summary_cells(s: Summary) -> list[str]:
@@ -579,22 +496,8 @@ def console_tables(summaries: list[Summary], turns: dict[str, list]) -> list[Tab
         ),
         ("by turn (medians)", TURN_COLS, [turn_cells(p, r) for p, rs in turns.items() for r in rs]),
     ):
-        t = Table(title=title)
-        for c in cols:
-            t.add_column(c, justify="left" if c in ("pass", "target") else "right")
-        for r in rows:
-            t.add_row(*r)
-        out.append(t)
+        out.append(rich_table(title, cols, rows, LEFT))
     return out
-
-
-def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---" if c in ("pass", "target") else "---:" for c in cols]
-    return [
-        "| " + " | ".join(cols) + " |",
-        "|" + "|".join(align) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
 
 
 def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info: dict, st: dict) -> str:
@@ -617,15 +520,15 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         "test runs compete for the 2 cores, and on 2 cores the store, both API processes and the "
         "client share the core that vLLM's worker is not pinned to).",
         "",
-        *md_table(SUMMARY_COLS, [summary_cells(s) for s in summaries]),
+        *md_table(SUMMARY_COLS, [summary_cells(s) for s in summaries], LEFT),
         "",
         "The service's own `timings` (medians over the requests) and agreement between the paths:",
         "",
-        *md_table(BREAKDOWN_COLS, [breakdown_cells(s) for s in summaries]),
+        *md_table(BREAKDOWN_COLS, [breakdown_cells(s) for s in summaries], LEFT),
         "",
         "By turn (turn k carries 2k images; medians):",
         "",
-        *md_table(TURN_COLS, [turn_cells(p, r) for p, rs in turns.items() for r in rs]),
+        *md_table(TURN_COLS, [turn_cells(p, r) for p, rs in turns.items() for r in rs], LEFT),
         "",
         "What a cold image costs outside vLLM, measured in the bench process on the same images with "
         "the service's functions (median per image; GET over loopback is the transfer): "
@@ -682,20 +585,6 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -705,51 +594,20 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     from mmstore_client.inference import AsyncInferenceClient
     from mmstore_client.layouts import Layout
     from mmstore_client.render import Renderer
-    from mmstore_trainer.tiny_model import ensure_tiny_model
 
     t_start = time.monotonic()
     load_before = loadavg()
-    model = ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl")
+    model = tiny_model()
 
     # ---- store, then the service (its engine loads while ours does)
-    store_port = free_port()
-    store_url = f"http://127.0.0.1:{store_port}"
-    env = {k: v for k, v in os.environ.items() if k not in ("MMSTORE_TOKENS", "MMSTORE_TOKENS_FILE")}
+    env = open_env()
     store_log = tmp / "mmstore.log"
-    p_store = procs.start(
-        [
-            *venv_cmd("mmstore", "mmstore.cli"),
-            "serve",
-            "--port",
-            str(store_port),
-            "--root",
-            str(tmp / "root"),
-        ],
-        store_log,
-        env=env,
-    )
+    p_store, store_url = start_store(procs, tmp / "root", store_log, env=env)
     await wait_ready(f"{store_url}/healthz", p_store, store_log, 30)
-    inf_port = free_port()
-    inf_url = f"http://127.0.0.1:{inf_port}"
     inf_log = tmp / "inference.log"
-    inf_cmd = [
-        *venv_cmd("mmstore-inference", "mmstore_inference.cli"),
-        "serve",
-        "--model",
-        str(model),
-        "--store",
-        store_url,
-        "--port",
-        str(inf_port),
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.1",
-        "--max-model-len",
-        str(opts["max_model_len"]),
-        "--dtype",
-        "float32",
-    ]
-    p_inf = procs.start(inf_cmd, inf_log, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    inf_env = {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    p_inf, inf_url = start_inference(procs, model, store_url, inf_log, inf_env, opts["max_model_len"])
+    store_port, inf_port = store_url.rsplit(":", 1)[1], inf_url.rsplit(":", 1)[1]
     console.print(f"store on :{store_port}, inference on :{inf_port} (log {inf_log}); building (b)'s engine")
 
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -850,7 +708,9 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g}",
     }
     if opts["write"]:
-        write_results(opts["output"], markdown(summaries, turns, costs, machine(), settings))
+        write_section(
+            opts["output"], "inference_bench", markdown(summaries, turns, costs, machine(), settings)
+        )
         console.print(f"wrote the Inference section of {opts['output']}")
     console.print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 
@@ -864,22 +724,15 @@ def main(
     max_tokens: Annotated[int, typer.Option(help="tokens sampled per request (greedy)")] = 8,
     gap: Annotated[float, typer.Option(help="seconds between blocks (idle worker stops busy-polling)")] = 1.1,
     max_model_len: Annotated[int, typer.Option(help="vLLM max_model_len on both paths")] = 4096,
-    output: Annotated[Path, typer.Option(help="results file (section between the markers)")] = ROOT
-    / "bench"
-    / "RESULTS.md",
-    write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
-    keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directory (logs, store root)")] = False,
+    output: OutputOption = RESULTS,
+    write: WriteOption = True,
+    keep_tmp: KeepTmpOption = False,
 ) -> None:
     """Measure the service's overhead over in-process vLLM, cold and warm; print and record it."""
     if 2 * turns > MAX_IMAGES:
         raise typer.BadParameter(f"turn {turns} would carry {2 * turns} images, over {MAX_IMAGES}")
-
-    def on_term(signum, frame):  # SIGTERM/SIGHUP: unwind through the finally blocks
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    signal.signal(signal.SIGINT, on_term)  # also inside the event loop, not only as task cancellation
+    # unwind through the finally blocks; SIGINT too: inside the event loop, not only as task cancellation
+    interrupt_on(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     opts = dict(
@@ -895,17 +748,8 @@ def main(
     )
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-infbench-"))
-    try:
+    with cleanup(procs, [tmp], keep_tmp):
         asyncio.run(bench(opts, procs, tmp))
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
-    finally:
-        procs.stop_all()
-        if keep_tmp:
-            console.print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

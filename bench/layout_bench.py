@@ -21,41 +21,44 @@ rewrites the ``## Layout`` section of ``bench/RESULTS.md`` (only the text betwee
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import io
 import json
-import os
-import platform
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
+from benchlib import (
+    RESULTS,
+    OutputOption,
+    WriteOption,
+    add_to_path,
+    console,
+    loadavg,
+    machine,
+    make_app,
+    md_table,
+    rich_table,
+    write_section,
+)
 from PIL import Image, ImageDraw, ImageFont
-from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clients"))  # mmstore_client, if the venv lacks it
+add_to_path("clients")  # mmstore_client, if the venv lacks it
 from mmstore_client import decode  # noqa: E402
 from mmstore_client.descriptor import Descriptor  # noqa: E402
 from mmstore_client.digest import compute_digest, make_ref  # noqa: E402
 from mmstore_client.layouts import Layout  # noqa: E402
 
-console = Console(width=None if sys.stdout.isatty() else 170)
-START_MARK = "<!-- layout_bench:start -->"
-END_MARK = "<!-- layout_bench:end -->"
 SPEED_TARGET = 1000.0  # place >= 1000x faster than the HF path
 WIRE_TARGET = 10_000.0  # refs >= 10,000x smaller than pixel_values
 SIZES = [(640, 480), (1280, 720), (1920, 1080)]
 KINDS = {"screenshot PNG": "png", "photo JPEG": "jpeg"}
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+app = make_app(__doc__)
 
 
 # --------------------------------------------------------------------------- images
@@ -335,38 +338,6 @@ def measure_wire(kind: str, turns: int, layout: Layout, processor, seed: int) ->
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, str]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def speed_target(r: SpeedRow) -> str:
     return ("met" if r.ratio >= SPEED_TARGET else "not met") + f" (>= {SPEED_TARGET:,.0f}x)"
 
@@ -392,60 +363,76 @@ def _bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
-def console_tables(speed: list[SpeedRow], wire: list[WireRow]) -> list[Table]:
-    t = Table(title="place from bytes vs HF decode+process (median per image)")
-    cols = [
-        "kind",
-        "size",
-        "file",
-        "tokens",
-        "place us",
-        "(probe us)",
-        "decode ms",
-        "process ms",
-        "HF ms",
-        "HF/place",
-        "target",
+SPEED_COLS = [
+    "kind",
+    "size",
+    "file",
+    "tokens",
+    "place us",
+    "(probe us)",
+    "decode ms",
+    "process ms",
+    "HF ms",
+    "HF/place",
+    "target",
+]
+SPEED_MD_COLS = [
+    "kind",
+    "size",
+    "file",
+    "tokens",
+    "place from bytes (us)",
+    "of which probe (us)",
+    "decode (ms)",
+    "HF process (ms)",
+    "HF path (ms)",
+    "HF / place",
+    "target",
+]
+WIRE_COLS = ["kind", "representation", "per image", "rollout total", "pixel_values / this", "target", "note"]
+
+
+def speed_cells(r: SpeedRow) -> list[str]:
+    return [
+        r.kind,
+        r.size,
+        _bytes(r.mean_bytes),
+        str(r.tokens),
+        f"{r.place_us:.1f}",
+        f"{r.probe_us:.1f}",
+        f"{r.decode_ms:.2f}",
+        f"{r.process_ms:.2f}",
+        f"{r.hf_ms:.2f}",
+        f"{r.ratio:,.0f}x",
+        speed_target(r),
     ]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("kind", "size", "target") else "right")
-    for r in speed:
-        t.add_row(
-            r.kind,
-            r.size,
-            _bytes(r.mean_bytes),
-            str(r.tokens),
-            f"{r.place_us:.1f}",
-            f"{r.probe_us:.1f}",
-            f"{r.decode_ms:.2f}",
-            f"{r.process_ms:.2f}",
-            f"{r.hf_ms:.2f}",
-            f"{r.ratio:,.0f}x",
-            speed_target(r),
-        )
-    w = Table(title="10-turn rollout, 1280x720, turn k carries k images: bytes on the wire")
-    for c in (
-        "kind",
-        "representation",
-        "per image",
-        "rollout total",
-        "pixel_values / this",
-        "target",
-        "note",
-    ):
-        w.add_column(
-            c, justify="right" if c in ("per image", "rollout total", "pixel_values / this") else "left"
-        )
-    for r in wire:
-        w.add_row(
-            r.kind,
-            r.representation,
-            _bytes(r.per_image),
-            _bytes(r.total),
-            wire_ratio(wire, r) if not r.representation.startswith("raw") else "",
-            wire_target(wire, r),
-            r.note,
-        )
+
+
+def wire_cells(rows: list[WireRow], r: WireRow) -> list[str]:
+    return [
+        r.kind,
+        r.representation,
+        _bytes(r.per_image),
+        _bytes(r.total),
+        wire_ratio(rows, r) if not r.representation.startswith("raw") else "",
+        wire_target(rows, r),
+        r.note,
+    ]
+
+
+def console_tables(speed: list[SpeedRow], wire: list[WireRow]) -> list[Table]:
+    t = rich_table(
+        "place from bytes vs HF decode+process (median per image)",
+        SPEED_COLS,
+        [speed_cells(r) for r in speed],
+        left=("kind", "size", "target"),
+    )
+    w = rich_table(
+        "10-turn rollout, 1280x720, turn k carries k images: bytes on the wire",
+        WIRE_COLS,
+        [wire_cells(wire, r) for r in wire],
+        left=("kind", "representation", "target", "note"),
+    )
     return [t, w]
 
 
@@ -467,17 +454,7 @@ def markdown(speed: list[SpeedRow], wire: list[WireRow], info: dict, settings: d
         "",
         "### Time per image",
         "",
-        "| kind | size | file | tokens | place from bytes (us) | of which probe (us) | decode (ms) | "
-        "HF process (ms) | HF path (ms) | HF / place | target |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in speed:
-        lines.append(
-            f"| {r.kind} | {r.size} | {_bytes(r.mean_bytes)} | {r.tokens} | {r.place_us:.1f} | "
-            f"{r.probe_us:.1f} | {r.decode_ms:.2f} | {r.process_ms:.2f} | {r.hf_ms:.2f} | "
-            f"{r.ratio:,.0f}x | {speed_target(r)} |"
-        )
-    lines += [
+        *md_table(SPEED_MD_COLS, [speed_cells(r) for r in speed], left=("kind", "size", "target")),
         "",
         "### Bytes on the wire, one rollout",
         "",
@@ -486,16 +463,13 @@ def markdown(speed: list[SpeedRow], wire: list[WireRow], info: dict, settings: d
         f"{settings['tokens']} tokens (grid {settings['grid']}); one descriptor is "
         f"{settings['desc_json']} B of JSON.",
         "",
-        "| kind | representation | per image | rollout total | pixel_values / this | target | note |",
-        "|---|---|---:|---:|---:|---|---|",
+        *md_table(
+            WIRE_COLS, [wire_cells(wire, r) for r in wire], left=("kind", "representation", "target", "note")
+        ),
+        "",
+        "Notes:",
+        "",
     ]
-    for r in wire:
-        ratio = wire_ratio(wire, r) if not r.representation.startswith("raw") else ""
-        lines.append(
-            f"| {r.kind} | {r.representation} | {_bytes(r.per_image)} | {_bytes(r.total)} | {ratio} | "
-            f"{wire_target(wire, r)} | {r.note} |"
-        )
-    lines += ["", "Notes:", ""]
     png = [r for r in speed if r.kind == "screenshot PNG"]
     jpeg = [r for r in speed if r.kind == "photo JPEG"]
     slow = [r for r in png if r.probe_us > 0.2 * r.decode_ms * 1e3]
@@ -543,20 +517,6 @@ def markdown(speed: list[SpeedRow], wire: list[WireRow], info: dict, settings: d
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -566,10 +526,8 @@ def main(
     place_reps: Annotated[int, typer.Option(help="timed probe+place calls per image")] = 300,
     hf_reps: Annotated[int, typer.Option(help="timed decode+process calls per image")] = 5,
     turns: Annotated[int, typer.Option(help="turns of the wire-bytes rollout (one image each)")] = 10,
-    output: Annotated[Path, typer.Option(help="results file (section between the markers)")] = ROOT
-    / "bench"
-    / "RESULTS.md",
-    write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
+    output: OutputOption = RESULTS,
+    write: WriteOption = True,
 ) -> None:
     """Measure place-from-bytes vs the HF path and a rollout's wire bytes; print and record them."""
     import torch
@@ -625,7 +583,7 @@ def main(
         "occurrences": turns * (turns + 1) // 2,
     }
     if write:
-        write_results(output, markdown(speed, wire, machine(), settings))
+        write_section(output, "layout_bench", markdown(speed, wire, machine(), settings))
         console.print(f"wrote the Layout section of {output}")
     console.print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 

@@ -25,17 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import datetime as dt
 import io
 import os
-import platform
 import random
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,61 +39,32 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from benchlib import (
+    RESULTS,
+    KeepTmpOption,
+    Processes,
+    cleanup,
+    engine_flags,
+    free_port,
+    interrupt_on,
+    loadavg,
+    machine,
+    make_app,
+    md_table,
+    med,
+    start_inference,
+    start_store,
+    tiny_model,
+    utc_now,
+    wait_ready,
+    write_section,
+)
 from PIL import Image, ImageDraw, ImageFilter
 
-ROOT = Path(__file__).resolve().parents[1]
-START_MARK = "<!-- openai_bench:start -->"
-END_MARK = "<!-- openai_bench:end -->"
 RUN = "bench-openai"
 PATHS = ("generate", "chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs")
 REPLY = "Clicked the highlighted item; the list updated."
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Servers this script started, each in its own process group; all stopped on exit."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)  # the group: uvicorn and the engine processes
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(15)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-        self.procs.clear()
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+app = make_app(__doc__)
 
 
 # --------------------------------------------------------------------------- workload
@@ -242,10 +207,6 @@ class Runner:
 # --------------------------------------------------------------------------- report
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def iqr(xs: list[float]) -> str:
     if len(xs) < 4:
         return "-"
@@ -311,38 +272,12 @@ def turn_rows(results: list[Result], turns: int) -> list[list[str]]:
     return rows
 
 
-def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    right = [c not in ("pass", "path") for c in cols]
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
+LEFT = ("pass", "path")  # the other columns are numbers
 
 
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    nproc = len(os.sched_getaffinity(0))
-    system = f"Linux {platform.release()}, Python {platform.python_version()}"
-    return f"{nproc} CPUs ({cpu}), {mem:.0f} GiB RAM, {system}"
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def write_results(path: Path, section: str) -> None:
-    """Replace the text between this script's markers (or append them); nothing else changes."""
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def machine_line() -> str:
+    m = machine()
+    return f"{m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, Python {m['python']}"
 
 
 def markdown(results: list[Result], agree: dict, info: dict) -> str:
@@ -360,11 +295,11 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
         f"{info['load_before']} / {info['load_after']} (a shared machine: other engineers' runs compete for "
         "the 2 cores, and both servers' engine workers are pinned to the same core).",
         "",
-        *md_table(SUMMARY_COLS, summary_rows(results)),
+        *md_table(SUMMARY_COLS, summary_rows(results), LEFT),
         "",
         "By turn (median latency, ms):",
         "",
-        *md_table(["pass", "turn", "images", *PATHS], turn_rows(results, o["turns"])),
+        *md_table(["pass", "turn", "images", *PATHS], turn_rows(results, o["turns"]), LEFT),
         "",
         "Agreement:",
         "",
@@ -399,37 +334,23 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
 async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     from mmstore_client import StoreClient
     from mmstore_client.render import Renderer
-    from mmstore_trainer.tiny_model import ensure_tiny_model
 
     t_start = time.monotonic()
     load_before = loadavg()
-    model = ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl")
+    model = tiny_model()
     opts["model"] = model.name
-    bin_dir = Path(sys.executable).parent
+    # every MMSTORE_ setting dropped: the servers run with their defaults
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSTORE_")}
     env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    ports = {k: free_port() for k in ("store", "inference", "vllm")}
-    urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-    logs = {k: tmp / f"{k}.log" for k in ports}
-    p_store = procs.start(
-        [str(bin_dir / "mmstore"), "serve", "--port", str(ports["store"]), "--root", str(tmp / "root")],
-        logs["store"],
-        env,
-    )
+    logs = {k: tmp / f"{k}.log" for k in ("store", "inference", "vllm")}
+    urls: dict[str, str] = {}
+    p_store, urls["store"] = start_store(procs, tmp / "root", logs["store"], env)
     await wait_ready(f"{urls['store']}/healthz", p_store, logs["store"], 30)
-    engine = [
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.1",
-        "--max-model-len",
-        "4096",
-        "--dtype",
-        "float32",
-    ]
-    inf_cmd = [str(bin_dir / "mmstore-inference"), "serve", "--model", str(model), "--store", urls["store"]]
-    p_inf = procs.start([*inf_cmd, "--port", str(ports["inference"]), *engine], logs["inference"], env)
+    p_inf, urls["inference"] = start_inference(procs, model, urls["store"], logs["inference"], env)
+    port = free_port()
+    urls["vllm"] = f"http://127.0.0.1:{port}"
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    vllm_cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(ports["vllm"]), *engine]
+    vllm_cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), *engine_flags()]
     vllm_cmd += [
         "--limit-mm-per-prompt",
         '{"image": 16, "video": 0}',
@@ -565,10 +486,10 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         "the new messages.",
     ]
     info = {
-        "machine": machine(),
+        "machine": machine_line(),
         "versions": f"vLLM {vllm.__version__}, transformers {transformers.__version__}, "
         f"torch {torch.__version__}",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "load_before": load_before,
         "load_after": loadavg(),
         "tokens": " or ".join(map(str, tokens_per_image)),
@@ -580,7 +501,7 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     section = markdown(results, agree, info)
     print(section)
     if opts["write"]:
-        write_results(opts["output"], section)
+        write_section(opts["output"], "openai_bench", section)
         print(f"wrote the openai_bench section of {opts['output']}")
     print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 
@@ -592,21 +513,14 @@ def main(
     warm_passes: Annotated[int, typer.Option(help="warm passes over the same conversations")] = 1,
     max_tokens: Annotated[int, typer.Option(help="tokens sampled per request (greedy)")] = 8,
     gap: Annotated[float, typer.Option(help="seconds between blocks (idle workers stop busy-polling)")] = 1.1,
-    output: Annotated[Path, typer.Option(help="results file (its openai_bench section)")] = ROOT
-    / "bench"
-    / "RESULTS.md",
+    output: Annotated[Path, typer.Option(help="results file (its openai_bench section)")] = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the section of the results file")] = True,
-    keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directory (logs, store root)")] = False,
+    keep_tmp: KeepTmpOption = False,
 ) -> None:
     """Measure the OpenAI endpoint against /v1/generate and vLLM's server; print and record it."""
     if 2 * turns > 16:
         raise typer.BadParameter(f"turn {turns} would carry {2 * turns} images, over the limit of 16")
-
-    def on_term(signum, frame):  # unwind through the finally block: stop every server
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, on_term)
+    interrupt_on(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # unwind through the finally block
     opts = dict(
         convs=convs,
         turns=turns,
@@ -618,17 +532,8 @@ def main(
     )
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-openaibench-"))
-    try:
+    with cleanup(procs, [tmp], keep_tmp, out=None):  # plain print, as the rest of this script
         asyncio.run(bench(opts, procs, tmp))
-    except KeyboardInterrupt:
-        print("interrupted")
-        raise typer.Exit(130) from None
-    finally:
-        procs.stop_all()
-        if keep_tmp:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,13 @@ dedup path (re-uploading stored bytes) is its own row.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -38,16 +33,31 @@ from typing import Annotated
 import httpx
 import numpy as np
 import typer
-from rich.console import Console
+from benchlib import (
+    RESULTS,
+    OutputOption,
+    Processes,
+    add_to_path,
+    cleanup,
+    console,
+    free_port,
+    interrupt_on,
+    loadavg,
+    machine,
+    make_app,
+    md_table,
+    open_env,
+    rich_table,
+    start_store,
+    venv_cmd,
+    wait_http,
+    write_section,
+)
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "clients"))  # mmstore_client, if the venv lacks it
+add_to_path("clients")  # mmstore_client, if the venv lacks it
 from mmstore_client.digest import compute_digest  # noqa: E402
 
-console = Console(width=None if sys.stdout.isatty() else 170)
-START_MARK = "<!-- store_bench:start -->"
-END_MARK = "<!-- store_bench:end -->"
 RUN = "bench"
 GET_TARGET = 0.5  # mmstore GET req/s >= 50% of nginx's
 PUT_TARGET_MBPS = 200.0  # PUT of 2 MB images >= 200 MB/s
@@ -55,7 +65,7 @@ PUT_TARGET_MBPS = 200.0  # PUT of 2 MB images >= 200 MB/s
 # (label, width, height): RGB, 3 bytes a pixel, plus one filter byte a row.
 SIZES = {"100KB": (185, 185), "2MB": (836, 836)}
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+app = make_app(__doc__)
 
 
 # --------------------------------------------------------------------------- images
@@ -157,60 +167,6 @@ def tool_version(cmd: list[str]) -> str:
         return "?"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """Servers this script started, each in its own session (process group); all stopped on exit."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)  # the group: uvicorn's workers, nginx's worker
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)  # leftovers of the group (a worker whose parent died first)
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def stop_all(self) -> None:
-        for p in list(self.procs):
-            self.stop(p)
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 NGINX_CONF = """\
 {user}worker_processes 1;
 daemon off;
@@ -234,11 +190,6 @@ http {{
     }}
 }}
 """
-
-
-def mmstore_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "mmstore"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from mmstore.cli import app; app()"]
 
 
 # --------------------------------------------------------------------------- wrk
@@ -381,54 +332,31 @@ def count_blobs(root: Path) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, str]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
+def tools() -> dict[str, str]:
+    """The versions of nginx and wrk, for the section's Machine line."""
     return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
         "nginx": tool_version([nginx_bin(), "-v"]).replace("nginx version: ", ""),
         "wrk": tool_version(["wrk", "-v"]).split(" [")[0],
     }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def fmt_ratio(r: Result) -> str:
     return f"{r.ratio:.0%}" if r.ratio is not None else ""
 
 
+COLS = ["server", "op", "size", "req/s", "MB/s", "p50 ms", "p99 ms", "vs nginx", "target", "note"]
+
+
+def cells(r: Result) -> list[str]:
+    return [
+        r.server, r.op, r.size, f"{r.req_s:,.0f}", f"{r.mb_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+        fmt_ratio(r), r.target, r.note,
+    ]  # fmt: skip
+
+
 def console_table(results: list[Result]) -> Table:
-    t = Table(title="mmstore vs nginx (wrk, loopback)")
-    for col in ("server", "op", "size", "req/s", "MB/s", "p50 ms", "p99 ms", "vs nginx", "target", "note"):
-        t.add_column(col, justify="right" if col not in ("server", "op", "note", "target") else "left")
-    for r in results:
-        t.add_row(
-            r.server, r.op, r.size, f"{r.req_s:,.0f}", f"{r.mb_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-            fmt_ratio(r), r.target, r.note,
-        )  # fmt: skip
-    return t
+    left = ("server", "op", "note", "target")
+    return rich_table("mmstore vs nginx (wrk, loopback)", COLS, [cells(r) for r in results], left)
 
 
 def markdown(results: list[Result], info: dict, settings: dict) -> str:
@@ -445,15 +373,11 @@ def markdown(results: list[Result], info: dict, settings: dict) -> str:
         f"Date: {info['date']}. Load average before/after: {settings['load_before']} / "
         f"{settings['load_after']} (shared machine: other processes may compete for the cores).",
         "",
-        "| server | op | size | req/s | MB/s | p50 ms | p99 ms | vs nginx req/s | target | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.server} | {r.op} | {r.size} | {r.req_s:,.0f} | {r.mb_s:,.0f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {fmt_ratio(r)} | {r.target} | {r.note} |"
-        )
-    lines += [
+        *md_table(
+            [*COLS[:7], "vs nginx req/s", *COLS[8:]],
+            [cells(r) for r in results],
+            left=("server", "op", "size", "target", "note"),
+        ),
         "",
         "Settings:",
         "",
@@ -482,20 +406,6 @@ def markdown(results: list[Result], info: dict, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -509,29 +419,21 @@ def main(
     put_small: Annotated[int, typer.Option(help="distinct ~100 KB images for PUT")] = 4000,
     put_large: Annotated[int, typer.Option(help="distinct ~2 MB images for PUT")] = 800,
     put_workers: Annotated[str, typer.Option(help="MMSTORE_WORKERS values to measure PUT with")] = "1,2",
-    output: Annotated[Path, typer.Option(help="results file (section between the markers)")] = ROOT
-    / "bench"
-    / "RESULTS.md",
+    output: OutputOption = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
     keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directories")] = False,
 ) -> None:
     """Measure mmstore vs nginx (GET) and mmstore's verified PUT; print and record the table."""
-
-    def on_term(signum, frame):  # SIGTERM/SIGHUP: unwind through the finally blocks
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
+    interrupt_on(signal.SIGTERM, signal.SIGHUP)  # unwind through the finally blocks
     t_start = time.monotonic()
     ensure_tools()
-    procs = Processes()
+    procs = Processes(grace=10)
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-bench-"))  # servers' roots: the real disk
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     imgs = Path(tempfile.mkdtemp(prefix="mmstore-bench-img-", dir=shm))  # PUT bodies: tmpfs
     load_before = loadavg()
     results: list[Result] = []
-    try:
+    with cleanup(procs, [tmp, imgs], keep_tmp):
         # ---- images
         t0 = time.monotonic()
         get_sets = {
@@ -596,19 +498,14 @@ def main(
         for label, workers, fast, do_put, do_dedup in configs:
             port = free_port()
             root = tmp / f"root-{workers}-{int(fast)}"
-            env = dict(
-                os.environ,
+            env = open_env(
                 MMSTORE_WORKERS=str(workers),
                 MMSTORE_FAST_BLOB_PATH=str(fast).lower(),
                 MMSTORE_FSYNC="true",
             )
-            for k in ("MMSTORE_TOKENS", "MMSTORE_TOKENS_FILE"):
-                env.pop(k, None)
-            cmd = [*mmstore_cmd(), "serve", "--port", str(port), "--root", str(root)]
             console.print(f"[bold]{label}[/] on :{port} (workers={workers}, fast_blob_path={fast})")
             log = tmp / f"mmstore-{workers}-{int(fast)}.log"
-            p = procs.start(cmd, log, env=env)
-            base = f"http://127.0.0.1:{port}"
+            p, base = start_store(procs, root, log, env=env, port=port)
             wait_http(f"{base}/healthz", p, log)
 
             if do_put:
@@ -665,6 +562,7 @@ def main(
             shutil.rmtree(root, ignore_errors=True)
 
         # ---- report
+        mmstore = venv_cmd("mmstore", "mmstore.cli")
         order = {"GET": 0, "PUT new": 1, "PUT dedup": 2}
         results.sort(key=lambda r: (order[r.op], r.size != "100KB", r.server != "nginx"))
         console.print(console_table(results))
@@ -682,25 +580,15 @@ def main(
             "warmup": f"{warmup:g}",
             "nginx_cmd": "nginx -p $TMP -e $TMP/nginx-error.log -c $TMP/nginx.conf (daemon off)",
             "mmstore_cmd": "MMSTORE_WORKERS=N MMSTORE_FAST_BLOB_PATH=true|false "
-            f"{Path(mmstore_cmd()[0]).name if len(mmstore_cmd()) == 1 else 'python -m mmstore.cli'} "
+            f"{Path(mmstore[0]).name if len(mmstore) == 1 else 'python -m mmstore.cli'} "
             "serve --port PORT --root $TMP/root",
             "commands": wrk.commands,
         }
-        info = machine()
+        info = {**machine(), **tools()}
         if write:
-            write_results(output, markdown(results, info, settings))
+            write_section(output, "store_bench", markdown(results, info, settings))
             console.print(f"wrote the Store section of {output}")
         console.print(f"done in {time.monotonic() - t_start:.0f}s")
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
-    finally:
-        procs.stop_all()
-        if keep_tmp:
-            console.print(f"kept {tmp} and {imgs}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(imgs, ignore_errors=True)
 
 
 if __name__ == "__main__":

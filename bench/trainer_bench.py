@@ -23,28 +23,37 @@ markers; other sections are kept) unless ``--no-write``.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from benchlib import (
+    RESULTS,
+    ROOT,
+    OutputOption,
+    Processes,
+    add_to_path,
+    cpu_model,
+    loadavg,
+    make_app,
+    md_table,
+    start_store,
+    tiny_model,
+    utc_now,
+    wait_http,
+    write_section,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-for sub in ("clients", "trainer", "services/mmstore"):  # run from a checkout without installing
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
+add_to_path("clients", "trainer", "services/mmstore")  # run from a checkout without installing
 
-START_MARK = "<!-- trainer_bench:start -->"
-END_MARK = "<!-- trainer_bench:end -->"
 RUN = "trainer-bench"
 
 # Qwen2-VL-2B-Instruct's config.json (text and vision towers); token ids come from the tokenizer.
@@ -85,65 +94,29 @@ QWEN2_VL_2B_IMAGE_PROCESSOR = {
     "max_pixels": 28 * 28 * 1280,
 }
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+app = make_app(__doc__)
 
 
 # --------------------------------------------------------------------------- store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def store_process(tmp: Path):
+def store_process(tmp: Path) -> Iterator[str]:
     """``mmstore serve`` on a free port with a fresh root; from the venv or from this checkout."""
-    import httpx
-
-    exe = Path(sys.executable).parent / "mmstore"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mmstore.cli import app; app()"]
-    port = free_port()
     path = os.pathsep.join(
         [str(ROOT / "services/mmstore"), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]
     )
-    log = (tmp / "mmstore.log").open("wb")
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--port", str(port), "--root", str(tmp / "store")],
-        env={**os.environ, "PYTHONPATH": path},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    procs = Processes(grace=10)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mmstore exited with {proc.returncode}; see {tmp / 'mmstore.log'}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("mmstore not healthy after 60 s")
-            time.sleep(0.1)
+        log = tmp / "mmstore.log"
+        proc, url = start_store(procs, tmp / "store", log, env={**os.environ, "PYTHONPATH": path})
+        wait_http(f"{url}/healthz", proc, log, timeout=60)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        procs.stop_all()
 
 
 # --------------------------------------------------------------------------- model
-
-
-def tiny_dir() -> Path:
-    from mmstore_trainer.tiny_model import ensure_tiny_model
-
-    return ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl", "qwen2_vl")
 
 
 def qwen2_vl_2b_dir(tmp: Path) -> Path:
@@ -151,7 +124,7 @@ def qwen2_vl_2b_dir(tmp: Path) -> Path:
     from transformers import AutoProcessor, Qwen2VLConfig
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor
 
-    tiny = AutoProcessor.from_pretrained(str(tiny_dir()))
+    tiny = AutoProcessor.from_pretrained(str(tiny_model()))
     tok = tiny.tokenizer
     ids = {
         f"{name}_token_id": tok.convert_tokens_to_ids(token)
@@ -326,12 +299,7 @@ def machine(device: str) -> str:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model(default=platform.processor() or platform.machine())
     gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
     return (
         f"{os.cpu_count()} CPUs ({cpu}){gpu}, Python {platform.python_version()}, torch {torch.__version__}, "
@@ -339,11 +307,54 @@ def machine(device: str) -> str:
     )
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+LOAD_COLS = [
+    "workers",
+    "samples/s",
+    "images/s",
+    "MB/s",
+    "wall s",
+    "fetch ms/img",
+    "preprocess ms/img",
+    "speed-up",
+    "passes (images/s)",
+]
+RUN_COLS = [
+    "workers",
+    "step s",
+    "step s (2..)",
+    "wait (all)",
+    "wait (2..)",
+    "tokens/step",
+    "images/step",
+    "micro-batches",
+]
+
+
+def load_cells(r: dict, base: float) -> list[str]:
+    return [
+        str(r["workers"]),
+        f"{r['samples_per_s']:.1f}",
+        f"{r['images_per_s']:.1f}",
+        f"{r['mb_per_s']:.1f}",
+        f"{r['wall_s']:.2f}",
+        f"{r['fetch_ms']:.1f}",
+        f"{r['preprocess_ms']:.1f}",
+        f"{r['images_per_s'] / base:.2f}x",
+        r["spread"],
+    ]
+
+
+def run_cells(r: dict) -> list[str]:
+    return [
+        str(r["workers"]),
+        f"{r['step_s']:.3f}",
+        f"{r['steady_step_s']:.3f}",
+        f"{100 * r['wait_frac']:.0f}%",
+        f"{100 * r['steady_wait_frac']:.0f}%",
+        f"{r['tokens_per_step']:.0f}",
+        f"{r['images_per_step']:.0f}",
+        f"{r['micro_batches']:.1f}",
+    ]
 
 
 def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
@@ -365,18 +376,7 @@ def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
         f"0 workers = inline, sequential. Median of {info['repeats']} passes (images/s of each pass in the "
         "last column). Fetch and preprocess are per-image worker times.",
         "",
-        "| workers | samples/s | images/s | MB/s | wall s | fetch ms/img | preprocess ms/img | speed-up "
-        "| passes (images/s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    base = loads[0]["images_per_s"]
-    for r in loads:
-        lines.append(
-            f"| {r['workers']} | {r['samples_per_s']:.1f} | {r['images_per_s']:.1f} | {r['mb_per_s']:.1f} | "
-            f"{r['wall_s']:.2f} | {r['fetch_ms']:.1f} | {r['preprocess_ms']:.1f} | "
-            f"{r['images_per_s'] / base:.2f}x | {r['spread']} |"
-        )
-    lines += [
+        *md_table(LOAD_COLS, [load_cells(r, loads[0]["images_per_s"]) for r in loads], left=LOAD_COLS[-1:]),
         "",
         "### Step time waiting on the loader",
         "",
@@ -385,32 +385,10 @@ def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
         "as a fraction of step wall time (all steps; and steps 2.., excluding the first fill of the "
         "pipeline). One untimed 2-step run first warms up kernels and the allocator.",
         "",
-        "| workers | step s | step s (2..) | wait (all) | wait (2..) | tokens/step | images/step "
-        "| micro-batches |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(RUN_COLS, [run_cells(r) for r in runs], left=()),
+        "",
     ]
-    for r in runs:
-        lines.append(
-            f"| {r['workers']} | {r['step_s']:.3f} | {r['steady_step_s']:.3f} | "
-            f"{100 * r['wait_frac']:.0f}% | {100 * r['steady_wait_frac']:.0f}% | "
-            f"{r['tokens_per_step']:.0f} | {r['images_per_step']:.0f} | {r['micro_batches']:.1f} |"
-        )
-    lines.append("")
     return "\n".join(lines)
-
-
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section}{END_MARK}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- main
@@ -434,9 +412,7 @@ def main(
     gradient_checkpointing: Annotated[
         bool | None, typer.Option(help="recompute activations (default: on for qwen2-vl-2b, off for tiny)")
     ] = None,
-    output: Annotated[Path, typer.Option(help="results file (section between the markers)")] = ROOT
-    / "bench"
-    / "RESULTS.md",
+    output: OutputOption = RESULTS,
     repeats: Annotated[int, typer.Option(min=1, help="loader passes per setting (median)")] = 3,
     write: Annotated[bool, typer.Option(help="rewrite the section in the results file")] = True,
 ) -> None:
@@ -458,7 +434,7 @@ def main(
         store_process(Path(tmp_name)) as url,
     ):
         tmp = Path(tmp_name)
-        model_dir = tiny_dir() if config == "tiny" else qwen2_vl_2b_dir(tmp)
+        model_dir = tiny_model() if config == "tiny" else qwen2_vl_2b_dir(tmp)
         processor = AutoProcessor.from_pretrained(str(model_dir))
         max_pixels = layout_from_pretrained(model_dir).config.max_pixels
         t0 = time.perf_counter()
@@ -507,7 +483,7 @@ def main(
         "machine": machine(device),
         "load": f"{load_before} / {loadavg()}",
         "repeats": repeats,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "samples": samples,
         "per_sample": images_per_sample,
         "width": width,
@@ -522,7 +498,7 @@ def main(
     section = markdown(loads, runs, info)
     typer.echo(section)
     if write:
-        write_results(output, section)
+        write_section(output, "trainer_bench", section)
         typer.echo(f"wrote {output}")
 
 

@@ -1,0 +1,358 @@
+"""Helpers shared by the benchmark scripts of this folder (``python bench/<name>.py``).
+
+Each script is run as a file, so Python puts this folder first on ``sys.path`` and
+``from benchlib import ...`` needs no package and no path juggling (``make bench`` runs them the
+same way). What lives here is what the scripts had each written for themselves: the machine
+description and load average stamped into every section, rewriting one marked section of
+``bench/RESULTS.md``, free ports, the servers they start (``mmstore serve``,
+``mmstore-inference serve``) in process groups and their cleanup on any exit, and the table
+and CLI boilerplate. The measurements and each section's wording stay in the scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+# A fixed width when piped (make bench | tee): rich would otherwise wrap the tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 170)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def make_app(doc: str | None) -> typer.Typer:
+    """The scripts' Typer app: ``--help`` shows the first paragraph of the module docstring."""
+    return typer.Typer(add_completion=False, help=(doc or "").split("\n\n")[0])
+
+
+# The options most scripts share, with the help texts they already had (``--help`` unchanged).
+OutputOption = Annotated[Path, typer.Option(help="results file (section between the markers)")]
+WriteOption = Annotated[bool, typer.Option(help="rewrite the results file")]
+KeepTmpOption = Annotated[bool, typer.Option(help="keep the temporary directory (logs, store root)")]
+
+
+def add_to_path(*subdirs: str) -> None:
+    """Put checkout folders (``clients``, ``trainer``, ...) first on ``sys.path``.
+
+    So that a script also runs from a checkout whose venv lacks a workspace member; a folder
+    already on the path is left where it is.
+    """
+    for sub in reversed(subdirs):
+        if str(ROOT / sub) not in sys.path:
+            sys.path.insert(0, str(ROOT / sub))
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def utc_now() -> str:
+    """The date stamped into every section, to the minute: runs on a shared machine are compared."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def cpu_model(default: str = "?") -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``default`` where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return default
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on, for the ``Machine:`` line of a section.
+
+    ``nproc`` is the CPUs this process may run on (its affinity), which on a shared or pinned
+    machine is what the servers and the client actually share; never raises (``?`` instead).
+    """
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "date": utc_now(),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu_model(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, recorded before and after a run: the machine is shared,
+    and a loaded machine explains slow numbers."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The HTML comments around a script's section of RESULTS.md (invisible once rendered)."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(path: Path, name: str, section: str) -> None:
+    """Replace the text between the ``name`` markers of ``path`` with ``section`` (or append the
+    marked section); nothing else in the file changes, so each script owns only its section.
+
+    Written to a temporary file then renamed: an interrupted run never leaves half a file.
+    """
+    start, end = markers(name)
+    block = f"{start}\n{section}{end}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def rich_table(
+    title: str, cols: Sequence[str], rows: Sequence[Sequence[str]], left: Collection[str]
+) -> Table:
+    """A console table: numbers right-aligned, the ``left`` columns (labels, notes) left-aligned."""
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c, justify="left" if c in left else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def md_table(cols: Sequence[str], rows: Sequence[Sequence[str]], left: Collection[str]) -> list[str]:
+    """The lines of a Markdown table, aligned as :func:`rich_table` aligns the console's."""
+    align = ["---" if c in left else "---:" for c in cols]
+    return [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join(align) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def med(xs: Sequence[float]) -> float:
+    """The median, NaN for no values: an empty cell of a table shows ``nan`` instead of raising."""
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A loopback port the OS says is free now: no fixed port for concurrent runs to fight over."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def venv_cmd(name: str, module: str) -> list[str]:
+    """The command of a workspace entry point: the venv's script next to this interpreter, else
+    ``python -c`` on its Typer app (a checkout run without ``make install``)."""
+    exe = Path(sys.executable).parent / name
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from {module} import app; app()"]
+
+
+def open_env(**extra: str) -> dict[str, str]:
+    """This environment without the store's auth settings (the bench clients send no token),
+    plus ``extra``."""
+    env = dict(os.environ, **extra)
+    for k in ("MMSTORE_TOKENS", "MMSTORE_TOKENS_FILE"):
+        env.pop(k, None)
+    return env
+
+
+class Processes:
+    """Servers a script started, each in its own session (process group); all stopped on exit.
+
+    A group, because the servers fork: uvicorn's workers, nginx's worker, vLLM's engine
+    processes. Signalling the group leaves nothing running on the shared machine, also when a
+    parent dies before its children.
+    """
+
+    def __init__(self, grace: float = 15) -> None:
+        self.grace = grace  # seconds a server gets after SIGTERM before SIGKILL
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``cmd`` with stdout and stderr in ``log`` (read back when it fails to start)."""
+        with open(log, "wb") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        """Stop one server (the next one of a comparison must not share the cores with it)."""
+        self._stop([p])
+
+    def stop_all(self) -> None:
+        """Stop every server still running, together (vLLM's shutdown takes seconds each)."""
+        self._stop(list(self.procs))
+
+    def _stop(self, procs: list[subprocess.Popen]) -> None:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # leftovers of the group (a child whose parent died first)
+            if p in self.procs:
+                self.procs.remove(p)
+
+
+def _not_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> NoReturn:
+    if proc.poll() is not None:
+        raise RuntimeError(f"{url} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers below 500 (nginx's root answers 403); fail with the log's
+    tail as soon as the server exits, instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _not_ready(url, proc, log, timeout)
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.1)
+    _not_ready(url, proc, log, timeout)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """:func:`wait_http` for the event loop, until a 200 (``/readyz`` answers 503 while vLLM
+    loads): the scripts wait for several servers at once while they load."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as c:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                _not_ready(url, proc, log, timeout)
+            with contextlib.suppress(httpx.HTTPError):
+                if (await c.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.5)
+    _not_ready(url, proc, log, timeout)
+
+
+def start_store(
+    procs: Processes, root: Path, log: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``mmstore serve`` on a free loopback port with ``root`` as its store; the process and its
+    base URL (wait for ``/healthz`` before using it)."""
+    port = port or free_port()
+    cmd = [*venv_cmd("mmstore", "mmstore.cli"), "serve", "--port", str(port), "--root", str(root)]
+    return procs.start(cmd, log, env=env), f"http://127.0.0.1:{port}"
+
+
+def engine_flags(max_model_len: int = 4096) -> list[str]:
+    """vLLM's engine arguments for the tiny model on CPU, the same for every server compared."""
+    return [
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.1",
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        "float32",
+    ]
+
+
+def start_inference(
+    procs: Processes,
+    model: Path,
+    store_url: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    max_model_len: int = 4096,
+) -> tuple[subprocess.Popen, str]:
+    """``mmstore-inference serve`` of ``model`` on a free loopback port, fetching from
+    ``store_url``; the process and its base URL (wait for ``/readyz``: vLLM loads for minutes)."""
+    port = free_port()
+    cmd = [*venv_cmd("mmstore-inference", "mmstore_inference.cli"), "serve", "--model", str(model)]
+    cmd += ["--store", store_url, "--port", str(port), *engine_flags(max_model_len)]
+    return procs.start(cmd, log, env=env), f"http://127.0.0.1:{port}"
+
+
+def tiny_model() -> Path:
+    """The tiny random-weight Qwen2-VL checkpoint, built on first use and kept under ``.cache/``
+    (git-ignored): every script that runs vLLM or the trainer on CPU measures the same model."""
+    from mmstore_trainer.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl", "qwen2_vl")
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def interrupt_on(*signals: signal.Signals) -> None:
+    """Turn ``signals`` into KeyboardInterrupt, so that a killed run (SIGTERM from a CI timeout,
+    SIGHUP from a closed terminal) unwinds through the ``finally`` blocks that stop the servers."""
+
+    def on_signal(signum: int, frame: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+
+
+@contextlib.contextmanager
+def cleanup(
+    procs: Processes, dirs: Sequence[Path], keep: bool, out: Console | None = console
+) -> Iterator[None]:
+    """Around a run: on an interrupt exit with 130; always stop the servers and remove the
+    temporary ``dirs`` (unless ``keep``, for their logs). ``out=None``: plain ``print``."""
+    say: Callable[[str], None] = out.print if out is not None else print
+    try:
+        yield
+    except KeyboardInterrupt:
+        say("[red]interrupted[/]" if out is not None else "interrupted")
+        raise typer.Exit(130) from None
+    finally:
+        procs.stop_all()
+        if keep:
+            say("kept " + " and ".join(map(str, dirs)))
+        else:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
