@@ -15,8 +15,9 @@ install: ## create .venv with every workspace member, its entry points and the d
 test: install ## install what is needed and run the test suite
 	$(VENV)/bin/pytest
 
-smoke: install ## the main job: start the local stack, run the multi-turn RL loop, train, summarize
-	$(VENV)/bin/mmstore-smoke run
+REPLICAS ?= 1
+smoke: install ## the main job: start the local stack, run the multi-turn RL loop, train, summarize (REPLICAS=N)
+	$(VENV)/bin/mmstore-smoke run --replicas $(REPLICAS)
 
 up: install ## start mmstore and the inference service in the background (tiny model by default)
 	$(VENV)/bin/mmstore-smoke up
@@ -24,18 +25,20 @@ up: install ## start mmstore and the inference service in the background (tiny m
 down: ## stop what `make up` started
 	$(VENV)/bin/mmstore-smoke down
 
-fuzz: install ## property-based conversations through every part, long budget (200 conversations)
+fuzz: install ## property-based conversations through every part, long budget (1000 conversations)
 	HYPOTHESIS_PROFILE=long $(VENV)/bin/pytest tests/test_fuzz.py -p no:cacheprovider --timeout 3600
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: install ## run the benchmarks and rewrite bench/RESULTS.md (store, layout, inference, trainer)
+bench: install ## run every benchmark and rewrite its section of bench/RESULTS.md (about 15 min here)
 	$(PY) bench/store_bench.py
 	$(PY) bench/layout_bench.py
 	$(PY) bench/inference_bench.py
-	@if [ -f bench/trainer_bench.py ]; then echo "$(PY) bench/trainer_bench.py"; $(PY) bench/trainer_bench.py; fi
+	$(PY) bench/openai_bench.py
+	$(PY) bench/replicas_bench.py
+	$(PY) bench/trainer_bench.py
 
 compose-config: ## validate docker-compose.yml (needs docker-compose)
 	MMSTORE_TOKENS=$${MMSTORE_TOKENS:-'{"config-check": ["read"]}'} MODEL_DIR=$${MODEL_DIR:-/models/checkpoint} \

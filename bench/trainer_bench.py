@@ -498,7 +498,8 @@ def main(
     section = markdown(loads, runs, info)
     typer.echo(section)
     if write:
-        write_section(output, "trainer_bench", section)
+        # one section per kind of device, so a CPU run never replaces the GPU figures
+        write_section(output, "trainer_bench" if device.startswith("cuda") else "trainer_bench_cpu", section)
         typer.echo(f"wrote {output}")
 
 

@@ -85,3 +85,26 @@ def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp
             for blob in blobs:
                 assert len(client.get(blob.digest)) == blob.size  # verified by blake3 on the way
         assert not (out / "samples.jsonl").exists(), "no partial sample file is written"
+
+
+def test_context_limit_ends_trajectories_at_a_whole_turn(store, inference, tiny_qwen2_vl, tmp_path):
+    """A turn that would not fit the context ends its trajectory: never a cut through an image."""
+    cfg = SmokeConfig(
+        out=tmp_path / "run",
+        model=tiny_qwen2_vl,
+        store=store.url,
+        inference=inference.url,
+        groups=1,
+        group_size=2,
+        turns=4,
+        workers=1,
+        train_steps=1,
+        run="smoke-context",
+        max_model_len=150,
+    )
+    summary = run_smoke(cfg)
+    assert summary.context_stops == 2 and summary.placeholder_mismatches == 0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    for s in samples:
+        assert len(s["token_ids"]) <= 150  # prompt and completion stayed inside the context
+        assert len(s["descriptors"]) == len(s["image_spans"]) >= 1

@@ -357,7 +357,7 @@ class ScriptedInference:
     def __init__(self, renderer, store: StoreClient) -> None:
         self.renderer, self.store = renderer, store
 
-    async def generate(self, request) -> GenerateResponse:
+    async def generate(self, request, affinity: str | None = None) -> GenerateResponse:
         tok = self.renderer.tokenizer
         samples = []
         for i in range(request.sampling.n):

@@ -19,6 +19,11 @@ from .errors import ServerError, TransportError, error_from_response
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# Routing hint for a load balancer in front of several replicas (nginx hashes it consistently):
+# the rollout group's id, so every turn and every sample of a group reaches the replica whose
+# caches hold its images and prefix. Never needed for correctness: any replica serves any request.
+AFFINITY_HEADER = "X-Mmstore-Affinity"
+
 
 class SamplingOptions(_Strict):
     max_tokens: int = Field(64, ge=1)
@@ -90,6 +95,10 @@ class _InferenceBase:
         return GenerateRequest.model_validate(request).model_dump(mode="json", exclude_none=True)
 
     @staticmethod
+    def _headers(affinity: str | None) -> dict[str, str] | None:
+        return {AFFINITY_HEADER: affinity} if affinity else None
+
+    @staticmethod
     def _parse(response: httpx.Response) -> GenerateResponse:
         if response.status_code >= 400:
             raise error_from_response(response)
@@ -115,11 +124,14 @@ class InferenceClient(_InferenceBase):
     def close(self) -> None:
         self._http.close()
 
-    def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
-        body = self._body(request)
+    def generate(
+        self, request: GenerateRequest | dict[str, Any], *, affinity: str | None = None
+    ) -> GenerateResponse:
+        """``affinity``: sent as ``X-Mmstore-Affinity`` (same key, same replica behind nginx)."""
+        body, headers = self._body(request), self._headers(affinity)
         for attempt in range(self.retries + 1):
             try:
-                return self._parse(self._http.post("/v1/generate", json=body))
+                return self._parse(self._http.post("/v1/generate", json=body, headers=headers))
             except Exception as exc:
                 if not self._retryable(exc) or attempt == self.retries:
                     if isinstance(exc, httpx.TransportError):
@@ -144,11 +156,14 @@ class AsyncInferenceClient(_InferenceBase):
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
-        body = self._body(request)
+    async def generate(
+        self, request: GenerateRequest | dict[str, Any], *, affinity: str | None = None
+    ) -> GenerateResponse:
+        """``affinity``: sent as ``X-Mmstore-Affinity`` (same key, same replica behind nginx)."""
+        body, headers = self._body(request), self._headers(affinity)
         for attempt in range(self.retries + 1):
             try:
-                return self._parse(await self._http.post("/v1/generate", json=body))
+                return self._parse(await self._http.post("/v1/generate", json=body, headers=headers))
             except Exception as exc:
                 if not self._retryable(exc) or attempt == self.retries:
                     if isinstance(exc, httpx.TransportError):

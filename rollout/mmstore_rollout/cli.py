@@ -33,6 +33,28 @@ def run(
             help="use this inference service instead of starting one", envvar="MMSTORE_SMOKE_INFERENCE"
         ),
     ] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="inference replicas to start; more than 1: behind nginx (apt-get install -y nginx)",
+        ),
+    ] = 1,
+    inference_replica: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--inference-replica",
+            metavar="URL",
+            help="use this running inference replica (repeat it; nginx is started in front of them)",
+        ),
+    ] = None,
+    affinity: Annotated[
+        bool,
+        typer.Option(
+            help="send each group's id as X-Mmstore-Affinity (nginx: consistent hashing); "
+            "--no-affinity: round-robin"
+        ),
+    ] = True,
     groups: Annotated[int, typer.Option(help="GRPO groups (environment seeds)")] = 6,
     group_size: Annotated[int, typer.Option(help="samples per group (n)")] = 4,
     turns: Annotated[int, typer.Option(help="turns per rollout (one new picture each)")] = 3,
@@ -44,11 +66,20 @@ def run(
     from .smoke import SmokeConfig, SmokeFailed, console, print_summary, run_smoke
     from .stack import ServiceFailed
 
+    if inference and (replicas > 1 or inference_replica):
+        raise typer.BadParameter("give either --inference or --replicas / --inference-replica, not both")
+    if inference_replica and replicas > 1:
+        raise typer.BadParameter(
+            "--replicas starts replicas; --inference-replica uses running ones: pick one"
+        )
     cfg = SmokeConfig(
         out=out,
         model=model,
         store=store,
         inference=inference,
+        replicas=replicas,
+        replica_urls=list(inference_replica or []),
+        affinity=affinity,
         groups=groups,
         group_size=group_size,
         turns=turns,
@@ -70,6 +101,7 @@ def run(
 def up(
     out: Annotated[Path, typer.Option(help="folder for data and logs")] = Path("runs/stack"),
     model: Annotated[Path | None, typer.Option(help="model folder [default: tiny Qwen2-VL]")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="inference replicas; more than 1: behind nginx")] = 1,
 ) -> None:
     """Start mmstore and the inference service in the background (stop with `down`)."""
     from mmstore_trainer.tiny_model import ensure_tiny_model
@@ -80,7 +112,9 @@ def up(
     stack = Stack(out)
     try:
         store = stack.start_store(out / "store-data")
-        stack.start_inference(model, store.url)
+        started = stack.start_replicas(model, store.url, replicas)
+        if replicas > 1:
+            stack.start_balancer([s.url for s in started])
         for service in stack.services:
             stack.wait_ready(service, 420)
     except BaseException:

@@ -2,12 +2,14 @@
 
 1. build the tiny model if absent (or use ``--model``);
 2. start ``mmstore serve`` and ``mmstore-inference serve`` on free loopback ports (or use
-   ``--store`` / ``--inference``) and wait until both are ready;
+   ``--store`` / ``--inference``) and wait until both are ready; with ``--replicas N`` (N > 1),
+   N inference replicas behind nginx (consistent hashing on the group's affinity header);
 3. several concurrent rollout workers play multi-turn groups (offload, render, generate with n
    samples, bridge, reward, group advantages) and write training samples (JSONL);
 4. the trainer materializes the refs, trains a few steps and saves a checkpoint;
 5. a summary (printed, and ``summary.json`` in the run folder) with the invariants that prove
-   the parts agreed: placeholder mismatches 0, processed payloads 0.
+   the parts agreed: placeholder mismatches 0, processed payloads 0; and per inference replica
+   its requests, store fetches, bytes fetched and cache hit ratios (``replicas``).
 Everything it started is stopped at the end, on failure and on Ctrl-C.
 """
 
@@ -28,9 +30,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .balancer import log_length, log_stats, upstream_key
 from .plots import write_plots
-from .stack import Stack
-from .stats import LoopStats
+from .stack import Service, Stack
+from .stats import LoopStats, metric, replica_report, scrape_replica
 from .worker import RolloutWorker
 
 console = Console(stderr=True)
@@ -45,12 +48,16 @@ class SmokeConfig:
     out: Path = Path("runs/smoke")
     model: Path | None = None  # None: the tiny Qwen2-VL, built into .cache/ if absent
     store: str | None = None  # None: start one
-    inference: str | None = None  # None: start one
+    inference: str | None = None  # None: start one (or ``replicas``)
+    replicas: int = 1  # inference replicas to start; more than 1: behind nginx
+    replica_urls: list[str] = field(default_factory=list)  # use these running replicas (nginx in front)
+    affinity: bool = True  # send the group's id as X-Mmstore-Affinity (consistent hashing in nginx)
     groups: int = 6
     group_size: int = 4
     turns: int = 3
     workers: int = 3
     max_tokens: int = 8
+    max_model_len: int = 4096  # the inference services' context (stack default)
     temperature: float = 1.0
     train_steps: int = 3
     run: str = "smoke"
@@ -70,10 +77,15 @@ class Summary:
     placeholder_mismatches: int = 0
     processed_payloads: int = 0
     missing_images: int = 0
-    inference_retries: int = 0
+    inference_retries: int = 0  # re-sent by the inference client (transport error, 503)
+    context_stops: int = 0  # trajectories ended before a turn that would not fit max_model_len
+    inference_errors: int = 0  # generate requests that failed for good
+    balancer_retries: int = 0  # attempts nginx moved to another replica (replica down or failing)
     mean_reward: float = 0.0
     store: dict = field(default_factory=dict)
     inference: dict = field(default_factory=dict)
+    replicas: list[dict] = field(default_factory=list)  # per inference replica, over the rollouts
+    balancer: dict = field(default_factory=dict)  # nginx's view (several replicas only)
     trainer: dict = field(default_factory=dict)
     loss_per_step: list[float] = field(default_factory=list)
     wall_s: dict[str, float] = field(default_factory=dict)
@@ -84,34 +96,61 @@ class Summary:
     plots: list[str] = field(default_factory=list)
 
 
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _service_counters(store_url: str, inference_url: str) -> tuple[dict, dict]:
+def _service_counters(store_url: str, inference_urls: list[str]) -> tuple[dict, dict]:
+    """The store's counters, and the inference counters summed over the replicas that answer."""
     s = httpx.get(f"{store_url}/metrics", timeout=10).text
-    i = httpx.get(f"{inference_url}/metrics", timeout=10).text
+    texts = []
+    for url in inference_urls:
+        try:
+            texts.append(httpx.get(f"{url}/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            if len(inference_urls) == 1:
+                raise
     store = {
-        "blobs_created": _metric(s, "mmstore_blobs_created_total"),
-        "uploads_deduplicated": _metric(s, "mmstore_blobs_deduplicated_total"),
-        "bytes_in": _metric(s, "mmstore_bytes_in_total"),
-        "bytes_out": _metric(s, "mmstore_bytes_out_total"),
+        "blobs_created": metric(s, "mmstore_blobs_created_total"),
+        "uploads_deduplicated": metric(s, "mmstore_blobs_deduplicated_total"),
+        "bytes_in": metric(s, "mmstore_bytes_in_total"),
+        "bytes_out": metric(s, "mmstore_bytes_out_total"),
     }
-    inference = {
-        "store_fetches": _metric(i, "mmstore_inference_store_fetches"),
-        "byte_cache_hits": _metric(i, "mmstore_inference_byte_cache_hits"),
-        "decoded_cache_hits": _metric(i, "mmstore_inference_decoded_cache_hits"),
-        "prefix_cache_hit_tokens": _metric(i, "vllm:prefix_cache_hits_total"),
-        "mm_cache_hits": _metric(i, "vllm:mm_cache_hits_total"),
-        "placeholder_mismatch_errors": _metric(
-            i, 'mmstore_inference_requests_total{code="placeholder_mismatch"}'
-        ),
+    names = {
+        "store_fetches": "mmstore_inference_store_fetches",
+        "byte_cache_hits": "mmstore_inference_byte_cache_hits",
+        "decoded_cache_hits": "mmstore_inference_decoded_cache_hits",
+        "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
+        "mm_cache_hits": "vllm:mm_cache_hits_total",
+        "placeholder_mismatch_errors": 'mmstore_inference_requests_total{code="placeholder_mismatch"}',
     }
+    inference = {key: sum(metric(i, name) for i in texts) for key, name in names.items()}
     return store, inference
+
+
+@dataclass
+class _Inference:
+    """Where the loop sends generate requests, and the replicas behind it."""
+
+    url: str
+    replicas: list[tuple[str, str]]  # (name, url)
+    balancer: Service | None = None
+
+
+def _start_inference(cfg: SmokeConfig, stack: Stack, model: Path, store_url: str) -> _Inference:
+    if cfg.replicas < 1:
+        raise ValueError("replicas must be at least 1")
+    if cfg.inference and (cfg.replicas > 1 or cfg.replica_urls):
+        raise ValueError("give either an inference URL or replicas (started, or their URLs), not both")
+    if cfg.inference:
+        return _Inference(cfg.inference, [("inference", cfg.inference)])
+    if cfg.replica_urls:
+        urls = [u.rstrip("/") for u in cfg.replica_urls]
+        names = [f"replica-{i}" for i in range(1, len(urls) + 1)] if len(urls) > 1 else ["inference"]
+        replicas = list(zip(names, urls, strict=True))
+    else:
+        started = stack.start_replicas(model, store_url, cfg.replicas)
+        replicas = [(s.name, s.url) for s in started]
+    if len(replicas) == 1:
+        return _Inference(replicas[0][1], replicas)
+    balancer = stack.start_balancer([url for _, url in replicas])
+    return _Inference(balancer.url, replicas, balancer)
 
 
 async def _rollouts(
@@ -129,7 +168,16 @@ async def _rollouts(
         )  # the renderer reads headers from the same cache
         renderer = await asyncio.to_thread(Renderer.from_pretrained, model, sync_store.get)
         sampling = SamplingOptions(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        worker = RolloutWorker(store, inference, renderer, cfg.run, stats, sampling)
+        worker = RolloutWorker(
+            store,
+            inference,
+            renderer,
+            cfg.run,
+            stats,
+            sampling,
+            affinity=cfg.affinity,
+            max_model_len=cfg.max_model_len,
+        )
         task = progress.add_task("rollout groups", total=cfg.groups)
         gate = asyncio.Semaphore(cfg.workers)
         samples = []
@@ -195,13 +243,15 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
         stack = stack_ctx.enter_context(Stack(cfg.out / "services"))
         t = time.perf_counter()
         store_url = cfg.store or stack.start_store(cfg.out / "store-data").url
-        inference_url = cfg.inference
-        if inference_url is None:
-            inference_url = stack.start_inference(model, store_url).url
-        with console.status("waiting for mmstore and the inference engine (vLLM start takes about a minute)"):
-            for service in stack.services:
+        served = _start_inference(cfg, stack, model, store_url)
+        inference_url = served.url
+        engines = "the inference engines" if len(served.replicas) > 1 else "the inference engine"
+        with console.status(f"waiting for mmstore and {engines} (vLLM start takes about a minute)"):
+            for service in stack.services:  # the balancer last: it was started last
                 stack.wait_ready(service, cfg.ready_timeout)
         wall["start_services"] = time.perf_counter() - t
+        before = {name: scrape_replica(url) for name, url in served.replicas}
+        log_start = log_length(served.balancer.access_log) if served.balancer else 0
 
         progress = Progress(
             TextColumn("{task.description}"),
@@ -227,13 +277,26 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
                     + (f"; {'; '.join(dead)}" if dead else "")
                 ) from exc
             wall["rollouts"] = time.perf_counter() - t
+        summary.replicas = [replica_report(n, u, before[n], scrape_replica(u)) for n, u in served.replicas]
+        if served.balancer:
+            lb = log_stats(served.balancer.access_log, since=log_start)
+            for entry in summary.replicas:
+                counts = lb.upstreams.get(upstream_key(entry["url"]))
+                entry["balancer"] = vars(counts) if counts else {"attempts": 0, "served": 0, "failed": 0}
+            summary.balancer = {
+                "url": served.balancer.url,
+                "routing": "affinity (consistent hash)" if cfg.affinity else "round-robin",
+                "access_log": str(served.balancer.access_log),
+                **lb.to_dict(),
+            }
+            summary.balancer_retries = lb.retries
         samples_file = cfg.out / "samples.jsonl"
         write_samples(samples_file, samples)
 
         t = time.perf_counter()
         trainer = _train(cfg, model, samples_file, store_url)
         wall["train"] = time.perf_counter() - t
-        summary.store, summary.inference = _service_counters(store_url, inference_url)
+        summary.store, summary.inference = _service_counters(store_url, [u for _, u in served.replicas])
 
     wall["total"] = time.perf_counter() - t0
     for name in (
@@ -248,6 +311,8 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
         "processed_payloads",
         "missing_images",
         "inference_retries",
+        "inference_errors",
+        "context_stops",
     ):
         setattr(summary, name, getattr(stats, name))
     summary.unique_digests = len(stats.digests)
@@ -321,7 +386,11 @@ def print_summary(summary: Summary, out: Path) -> None:
             f"{summary.trainer.get('pixels_checked', 0) - summary.trainer.get('pixel_mismatches', 0)}"
             f" / {summary.trainer.get('pixels_checked', 0)}",
         ),
-        ("inference retries", str(summary.inference_retries)),
+        (
+            "inference retries: client / balancer (failover)",
+            f"{summary.inference_retries} / {summary.balancer_retries}",
+        ),
+        ("inference errors", str(summary.inference_errors)),
         ("mean reward", f"{summary.mean_reward:.3f}"),
         ("loss per step", ", ".join(f"{x:.4f}" for x in summary.loss_per_step)),
         ("wall time (s)", ", ".join(f"{k} {v}" for k, v in summary.wall_s.items())),
@@ -329,6 +398,39 @@ def print_summary(summary: Summary, out: Path) -> None:
         ("rollout documents (viewer)", f"{summary.rollout_docs}: {summary.viewer}"),
         ("plots", "\n".join(summary.plots)),
     ]
+    at = next(i for i, row in enumerate(rows) if row[0].startswith("trainer: images"))
+    rows[at:at] = _replica_rows(summary)
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _replica_rows(summary: Summary) -> list[tuple[str, str]]:
+    rows = []
+    if summary.balancer:
+        rows.append(
+            (
+                "inference replicas",
+                f"{len(summary.replicas)} behind nginx {summary.balancer['url']}, "
+                f"routing: {summary.balancer['routing']}",
+            )
+        )
+    for r in summary.replicas:
+        lb = r.get("balancer")
+        routed = f"; nginx sent {lb['served']} (+{lb['failed']} failed attempts)" if lb else ""
+        if not r["alive"]:
+            rows.append((f"  {r['name']} ({r['url']})", f"down at the end{routed}"))
+            continue
+        rows.append(
+            (
+                f"  {r['name']} ({r['url']})" if summary.balancer else f"replica {r['name']} ({r['url']})",
+                f"{r['requests']} requests, {r['errors']} errors, {r['store_fetches']} store fetches "
+                f"({r['bytes_fetched']:,} B); our cache hits {_pct(r['cache_hit_ratio'])}, "
+                f"vLLM prefix cache {_pct(r['prefix_cache_hit_ratio'])}{routed}",
+            )
+        )
+    return rows

@@ -1,5 +1,8 @@
 """The local process stack: `mmstore serve` and `mmstore-inference serve` on free loopback ports.
 
+With several inference replicas, nginx (Debian's package) runs in front of them as one more
+service, with a configuration generated into the run folder (:mod:`.balancer`).
+
 Each service runs in its own session (process group), so stopping it also stops vLLM's engine
 and worker processes; :class:`Stack` stops everything it started on exit, on Ctrl-C, on SIGTERM
 and on failure. ``up``/``down`` keep a small state file for a stack that outlives the command.
@@ -35,6 +38,8 @@ class Service:
     url: str
     proc: subprocess.Popen
     log: Path
+    ready_path: str = "/readyz"
+    access_log: Path | None = None  # the balancer's (JSON lines)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -47,6 +52,13 @@ class Service:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group, as a crash (no graceful shutdown)."""
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -82,7 +94,9 @@ class Stack:
             "mmstore", [str(BIN / "mmstore"), "serve", "--port", str(port), "--root", str(root)], port
         )
 
-    def start_inference(self, model: Path, store_url: str, *, max_model_len: int = 4096) -> Service:
+    def start_inference(
+        self, model: Path, store_url: str, *, max_model_len: int = 4096, name: str = "inference"
+    ) -> Service:
         port = free_port()
         argv = [
             str(BIN / "mmstore-inference"),
@@ -100,8 +114,26 @@ class Stack:
         if on_cpu:
             argv += ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
         return self._spawn(
-            "inference", argv, port, {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+            name, argv, port, {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         )
+
+    def start_replicas(self, model: Path, store_url: str, n: int, **kwargs) -> list[Service]:
+        """``n`` inference replicas on one store, started together (named inference-1..n if n > 1)."""
+        if n == 1:
+            return [self.start_inference(model, store_url, **kwargs)]
+        return [
+            self.start_inference(model, store_url, name=f"inference-{i}", **kwargs) for i in range(1, n + 1)
+        ]
+
+    def start_balancer(self, replica_urls: list[str], *, name: str = "balancer") -> Service:
+        """nginx in front of ``replica_urls`` (see :mod:`.balancer`); its files in ``workdir/name``."""
+        from .balancer import HEALTH_PATH, nginx_argv, write_local_config
+
+        files = write_local_config(self.workdir / name, replica_urls, free_port())
+        service = self._spawn(name, nginx_argv(files), files.port)
+        service.ready_path = HEALTH_PATH
+        service.access_log = files.access_log
+        return service
 
     @staticmethod
     def wait_ready(service: Service, timeout: float) -> None:
@@ -113,7 +145,7 @@ class Stack:
                     f"{service.name} exited with {service.proc.returncode}; log {service.log}:\n{tail}"
                 )
             try:
-                if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{service.url}{service.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -35,6 +35,7 @@ class Trajectory:
     pixel_digests: list[str] = field(default_factory=list)  # of the last request: every image so far
     marks: list[tuple[int, int, int]] = field(default_factory=list)  # per turn: prompt, completion, end
     turn_rewards: list[float] = field(default_factory=list)
+    ended: bool = False  # the next turn would not fit the context: the conversation stops here
 
 
 class RolloutWorker:
@@ -48,7 +49,12 @@ class RolloutWorker:
         sampling: SamplingOptions,
         *,
         upload_rollouts: bool = True,
+        affinity: bool = True,
+        max_model_len: int | None = None,
     ) -> None:
+        # the inference context limit: a turn whose prompt plus max_tokens would not fit ends
+        # its trajectory at the last complete turn (never a cut through an image), counted
+        self.max_model_len = max_model_len
         self.store = store
         self.inference = inference
         self.renderer = renderer
@@ -56,6 +62,8 @@ class RolloutWorker:
         self.stats = stats
         self.sampling = sampling
         self.upload_rollouts = upload_rollouts  # one RolloutDoc per trajectory, for the viewer
+        # send the group's id as the affinity header: behind nginx, a group stays on one replica
+        self.affinity = affinity
         self.rollout_docs = 0
         self.fetch_s: list[float] = []  # inference's timings.fetch_s, per generate request
 
@@ -64,7 +72,10 @@ class RolloutWorker:
         self.stats.images += 1
         return out
 
-    async def _generate(self, rendered: Rendered, n: int):
+    def affinity_key(self, seed: int) -> str | None:
+        return f"{self.run}/seed{seed}" if self.affinity else None
+
+    async def _generate(self, rendered: Rendered, n: int, affinity: str | None = None):
         request = GenerateRequest(
             prompt_token_ids=rendered.token_ids,
             descriptors=rendered.descriptors,
@@ -79,9 +90,10 @@ class RolloutWorker:
         self.stats.count_request(rendered.descriptors, sizes)
         retried = self.inference.retried
         try:
-            response = await self.inference.generate(request)
-        except ConflictError as exc:
-            if exc.code == "placeholder_mismatch":
+            response = await self.inference.generate(request, affinity=affinity)
+        except Exception as exc:
+            self.stats.inference_errors += 1
+            if isinstance(exc, ConflictError) and exc.code == "placeholder_mismatch":
                 self.stats.placeholder_mismatches += 1
             raise
         finally:
@@ -108,7 +120,8 @@ class RolloutWorker:
         env = ShapesEnv(seed, turns)
         first = await self._offload(env.message(env.turn(0)))
         rendered = await asyncio.to_thread(self.renderer.render, [SYSTEM, first])
-        response = await self._generate(rendered, n)
+        key = self.affinity_key(seed)  # every turn and sample of the group: one replica's caches
+        response = await self._generate(rendered, n, key)
         trajectories = []
         for completion in response.samples:
             traj = Trajectory(rendered, [0.0] * len(rendered.token_ids), pixel_digests=response.pixel_digests)
@@ -118,10 +131,17 @@ class RolloutWorker:
         for k in range(1, turns):
             message = await self._offload(env.message(env.turn(k)))
             for traj in trajectories:
+                if traj.ended:
+                    continue
                 prompt = await asyncio.to_thread(self.renderer.bridge, traj.rendered, [message])
+                limit = self.max_model_len
+                if limit is not None and len(prompt.token_ids) + self.sampling.max_tokens > limit:
+                    traj.ended = True
+                    self.stats.context_stops += 1
+                    continue
                 traj.logprobs += [0.0] * (len(prompt.token_ids) - len(traj.logprobs))
                 traj.rendered = prompt
-                response = await self._generate(prompt, 1)
+                response = await self._generate(prompt, 1, key)
                 traj.pixel_digests = response.pixel_digests
                 self._advance(traj, response.samples[0], env, k)
                 self.stats.turns += 1
@@ -153,7 +173,7 @@ class RolloutWorker:
         self.rollout_docs += len(docs)
 
     def _samples(self, seed: int, trajectories: list[Trajectory], turns: int) -> list[Sample]:
-        rewards = [t.reward / turns for t in trajectories]
+        rewards = [t.reward / max(1, len(t.turn_rewards)) for t in trajectories]
         mean = statistics.fmean(rewards)
         std = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
         samples = []

@@ -1,0 +1,312 @@
+"""Several inference replicas on one store: correct on any replica, routed by nginx.
+
+Two real replicas (vLLM CPU, tiny Qwen2-VL) are started once for the module, in parallel, on the
+session's store. A 10-turn rollout whose turns alternate between them gives exactly what one
+replica gives; so does a GRPO group spread over both. nginx (Debian's package, started by the
+stack) in front of them hashes the affinity header and round-robins without it; the reduced smoke
+loop runs through it while one replica is killed mid-run. The last test kills a replica: keep it
+last. Without nginx the tests that need it skip and say so (`apt-get install -y nginx`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mmstore_client import AsyncStoreClient, StoreClient
+from mmstore_client.inference import AFFINITY_HEADER, AsyncInferenceClient, GenerateRequest, SamplingOptions
+from mmstore_client.offload import aoffload_messages
+from mmstore_client.render import Renderer
+from mmstore_rollout import balancer as lb
+from mmstore_rollout.env import ShapesEnv
+from mmstore_rollout.stack import Service, Stack
+from mmstore_rollout.stats import LoopStats, metric, scrape_replica
+from mmstore_rollout.worker import SYSTEM, RolloutWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = SamplingOptions(max_tokens=6, temperature=0.0)
+
+
+def _nginx() -> str | None:
+    try:
+        return lb.find_nginx()
+    except lb.NginxMissing:
+        return None
+
+
+needs_nginx = pytest.mark.skipif(_nginx() is None, reason="nginx not installed: apt-get install -y nginx")
+
+
+# -- the configuration and the access log (no engines) -------------------------------------------
+
+
+def test_compose_config_is_the_generated_one_and_nginx_accepts_it(tmp_path):
+    conf = (ROOT / "deploy" / "nginx" / "inference.conf").read_text()
+    assert conf == lb.compose_config(), "regenerate: python -m mmstore_rollout.balancer compose"
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in conf
+    assert "hash $http_x_mmstore_affinity;" in conf  # one resolved name for every replica
+    local = lb.http_config(["127.0.0.1:1", "127.0.0.1:2"], listen="127.0.0.1:3", access_log="off")
+    assert "hash $http_x_mmstore_affinity consistent;" in local  # one server line per replica
+    if _nginx() is None:
+        pytest.skip("nginx not installed: apt-get install -y nginx")
+    # Debian's nginx predates `resolve` (1.27.3): check the rest with a literal address
+    work = tmp_path / "compose-check"
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (work / "tmp" / kind).mkdir(parents=True)
+    http = conf.replace("inference:8800 resolve", "127.0.0.1:8800").replace(
+        "listen 8800", "listen 127.0.0.1:9"
+    )
+    http = http.replace("/var/log/nginx/access.log", str(work / "access.log"))
+    (work / "nginx.conf").write_text(lb.main_config(http, work))
+    check = subprocess.run(
+        [_nginx(), "-t", "-p", str(work), "-c", str(work / "nginx.conf")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_access_log_counts_retries_and_no_replica(tmp_path):
+    log = tmp_path / "access.log"
+    rows = [  # as nginx writes them (escape=json)
+        {"method": "POST", "uri": "/v1/generate", "status": "200", "pool": lb.AFFINITY,
+         "upstream": "127.0.0.1:1", "upstream_status": "200"},
+        {"method": "POST", "uri": "/v1/generate", "status": "200", "pool": lb.ROUND_ROBIN,
+         "upstream": "127.0.0.1:1, 127.0.0.1:2", "upstream_status": "502, 200"},
+        {"method": "POST", "uri": "/v1/generate", "status": "503", "pool": lb.ROUND_ROBIN,
+         "upstream": "127.0.0.1:2, mmstore_inference_round_robin", "upstream_status": "502, 502"},
+        {"method": "POST", "uri": "/v1/generate", "status": "409", "pool": lb.AFFINITY,
+         "upstream": "127.0.0.1:2", "upstream_status": "409"},
+        {"method": "GET", "uri": "/readyz", "status": "200",
+         "upstream": "127.0.0.1:2", "upstream_status": "200"},
+    ]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    stats = lb.log_stats(log)
+    assert (stats.requests, stats.retried_requests, stats.retries, stats.no_replica) == (4, 1, 1, 1)
+    assert vars(stats.upstreams["127.0.0.1:1"]) == {"attempts": 2, "served": 1, "failed": 1}
+    assert vars(stats.upstreams["127.0.0.1:2"]) == {"attempts": 3, "served": 2, "failed": 1}
+    assert stats.by_pool == {"affinity": 2, "round-robin": 2}
+    assert lb.log_stats(log, since=3).requests == 1
+
+
+# -- two real replicas ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    store_url: str
+    replicas: list[Service]
+    balancer: Service | None
+    stack: Stack
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+
+@pytest.fixture(scope="module")
+def cluster(store, tiny_qwen2_vl, tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("replicas"))
+    try:
+        replicas = stack.start_replicas(tiny_qwen2_vl, store.url, 2)  # both engines load at once
+        for replica in replicas:
+            stack.wait_ready(replica, 600)
+        balancer = None
+        if _nginx():
+            balancer = stack.start_balancer([r.url for r in replicas])
+            stack.wait_ready(balancer, 30)
+        yield Cluster(store.url, replicas, balancer, stack)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def renderer(cluster, tiny_qwen2_vl):
+    client = StoreClient(cluster.store_url)
+    yield Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    client.close()
+
+
+class Rotating:
+    """Sends request i to replica i % len: turns (and trajectories) alternate between replicas."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.clients = [AsyncInferenceClient(u) for u in urls]
+        self.served: list[str] = []
+
+    @property
+    def retried(self) -> int:
+        return sum(c.retried for c in self.clients)
+
+    async def generate(self, request, *, affinity=None):
+        client = self.clients[len(self.served) % len(self.clients)]
+        self.served.append(client.url)
+        return await client.generate(request)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))
+
+
+async def _group(cluster, renderer, urls, *, seed, turns, n, sampling, run="replicas"):
+    """One GRPO group (``n`` trajectories of ``turns`` turns) played by the real rollout worker."""
+    stats, router = LoopStats(), Rotating(urls)
+    async with AsyncStoreClient(cluster.store_url) as store:
+        worker = RolloutWorker(store, router, renderer, run, stats, sampling, upload_rollouts=False)
+        try:
+            samples = await worker.rollout_group(seed, turns, n)
+        finally:
+            await router.close()
+    assert stats.inference_errors == 0 and stats.placeholder_mismatches == 0 and stats.inference_retries == 0
+    return samples, router.served
+
+
+def _same(got, want) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids  # prompts, every image run and every completion token
+        assert a.loss_mask == b.loss_mask
+        assert a.pixel_digests == b.pixel_digests  # the pixels each replica handed to vLLM
+        assert [d.digest for d in a.descriptors] == [d.digest for d in b.descriptors]
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+async def test_ten_turns_alternating_replicas_equal_one_replica(cluster, renderer):
+    a, b = cluster.urls
+    before = {u: scrape_replica(u) for u in cluster.urls}
+    (alternating,), served = await _group(cluster, renderer, [a, b], seed=101, turns=10, n=1, sampling=GREEDY)
+    after = {u: scrape_replica(u) for u in cluster.urls}
+    assert served == [a, b] * 5
+    for url, images_seen in ((a, 9), (b, 10)):  # a: turns 1,3,..,9 (images 1-9); b: all 10
+        delta = {k: after[url][k] - before[url][k] for k in after[url]}
+        assert delta["requests"] == delta["ok"] == 5
+        # every image it lacked, fetched once by digest (a repeated image never fails on a new replica)
+        assert delta["store_fetches"] == images_seen
+    assert len(alternating.descriptors) == 10
+    (only_a,), _ = await _group(cluster, renderer, [a], seed=101, turns=10, n=1, sampling=GREEDY)
+    (only_b,), _ = await _group(cluster, renderer, [b], seed=101, turns=10, n=1, sampling=GREEDY)
+    _same([alternating], [only_a])
+    _same([alternating], [only_b])
+
+
+async def test_grpo_group_spread_over_both_replicas_equals_one_replica(cluster, renderer):
+    a, b = cluster.urls
+    seeded = SamplingOptions(max_tokens=6, temperature=1.0, seed=1234)  # n distinct samples
+    spread, served = await _group(cluster, renderer, [a, b], seed=102, turns=3, n=4, sampling=seeded)
+    assert set(served) == {a, b} and len(served) == 1 + 4 * 2
+    one, _ = await _group(cluster, renderer, [b], seed=102, turns=3, n=4, sampling=seeded)
+    _same(spread, one)
+    assert len({tuple(s.token_ids) for s in spread}) > 1, "the group's samples should differ"
+
+
+@needs_nginx
+async def test_nginx_hashes_the_affinity_header_and_round_robins_without(cluster, renderer):
+    env = ShapesEnv(103, 1)
+    async with AsyncStoreClient(cluster.store_url) as store:
+        (message,) = await aoffload_messages([env.message(env.turn(0))], store, "replicas")
+    rendered = renderer.render([SYSTEM, message])
+    body = GenerateRequest(
+        prompt_token_ids=rendered.token_ids, descriptors=rendered.descriptors, sampling=GREEDY
+    ).model_dump(mode="json", exclude_none=True)
+    addresses = {u.split("://", 1)[1] for u in cluster.urls}
+    url = cluster.balancer.url
+    log_start = lb.log_length(cluster.balancer.access_log)
+
+    def post(key: str | None) -> tuple[str, list[int]]:
+        headers = {AFFINITY_HEADER: key} if key else {}
+        r = httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.headers[lb.REPLICA_HEADER], r.json()["samples"][0]["token_ids"]
+
+    plain = [post(None) for _ in range(4)]
+    assert {r for r, _ in plain} == addresses
+    assert [r for r, _ in plain] == [plain[0][0], plain[1][0]] * 2  # round-robin
+    keyed = [post("group-a") for _ in range(4)]
+    assert len({r for r, _ in keyed}) == 1  # one key, one replica
+    spread = {post(f"group-{i}")[0] for i in range(16)}
+    assert spread == addresses  # keys spread over both
+    assert len({tuple(ids) for _, ids in plain + keyed}) == 1  # same completion on either replica
+
+    async with AsyncInferenceClient(url) as client:  # the client sets the header
+        await client.generate(body, affinity="group-a")
+    stats = lb.log_stats(cluster.balancer.access_log, since=log_start)
+    assert stats.requests == 4 + 4 + 16 + 1 and stats.retries == 0
+    assert stats.by_pool == {"round-robin": 4, "affinity": 21}
+    last = lb.read_log(cluster.balancer.access_log)[-1]
+    assert last["affinity"] == "group-a" and last["upstream"] == keyed[0][0]
+
+
+@needs_nginx
+def test_smoke_through_nginx_survives_a_killed_replica(cluster, tiny_qwen2_vl, tmp_path):
+    """The reduced smoke loop on 2 replicas behind nginx; one replica is SIGKILLed mid-run."""
+    from mmstore_rollout.smoke import SmokeConfig, run_smoke
+
+    cfg = SmokeConfig(
+        out=tmp_path / "run",
+        model=tiny_qwen2_vl,
+        store=cluster.store_url,
+        replica_urls=cluster.urls,
+        groups=4,
+        group_size=2,
+        turns=3,
+        workers=2,
+        max_tokens=48,  # long enough generations that the kill lands on a request in flight
+        train_steps=1,
+        run="smoke-replicas",
+    )
+    killed: list[str] = []
+
+    def kill_one_while_busy() -> None:
+        with StoreClient(cluster.store_url) as client:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:  # the loop is under way: a few pictures offloaded
+                try:
+                    if client.run("smoke-replicas").blob_count >= 2:
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        victim = cluster.replicas[0]
+        while time.monotonic() < deadline:  # the replica that is serving a request right now
+            busy = [r for r in cluster.replicas if _running(r.url) > 0]
+            if busy:
+                victim = busy[0]
+                break
+            time.sleep(0.02)
+        victim.kill()
+        killed.append(victim.url)
+
+    killer = threading.Thread(target=kill_one_while_busy)
+    killer.start()
+    summary = run_smoke(cfg)
+    killer.join()
+
+    assert killed, "a replica was killed"
+    assert summary.rollouts == 8 and summary.turns == 8 * 3
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    ids = [s["sample_id"] for s in samples]
+    assert len(ids) == 8 and len(set(ids)) == 8  # none lost, none duplicated
+    assert summary.inference_errors == 0 and summary.placeholder_mismatches == 0
+    assert summary.balancer_retries + summary.inference_retries >= 1  # counted
+    by_url = {r["url"]: r for r in summary.replicas}
+    assert set(by_url) == set(cluster.urls)
+    assert by_url[killed[0]]["alive"] is False
+    (survivor,) = [r for r in summary.replicas if r["alive"]]
+    assert survivor["requests"] > 0 and survivor["errors"] == 0
+    for key in ("store_fetches", "bytes_fetched", "cache_hit_ratio", "prefix_cache_hit_ratio"):
+        assert key in survivor
+    assert summary.balancer["routing"].startswith("affinity")
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(saved["replicas"]) == 2 and saved["balancer_retries"] == summary.balancer_retries
+
+
+def _running(url: str) -> float:
+    try:
+        return metric(httpx.get(f"{url}/metrics", timeout=5).text, "vllm:num_requests_running")
+    except httpx.HTTPError:
+        return 0.0
