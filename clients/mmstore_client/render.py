@@ -162,37 +162,44 @@ class Renderer:
             raise RenderError(str(exc), exc.code) from exc
         return [ImageSpan(start=offset + r.start, length=r.length) for r in runs]
 
-    def _assistant_mask(self, messages: Sequence[dict[str, Any]], ids: list[int]) -> list[bool]:
-        """True on each assistant message's content tokens and its end token, False elsewhere."""
+    def _assistant_mask(
+        self, messages: Sequence[dict[str, Any]], ids: list[int], descriptors: list[Descriptor]
+    ) -> list[bool]:
+        """True on each assistant message's content tokens and its end token, False elsewhere.
+
+        Each boundary is the length of a prefix's rendering; a prefix's images are the first of
+        ``descriptors``, so no image is fetched or placed again.
+        """
         mask = [False] * len(ids)
         for k, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start = len(self._text_ids(messages[:k], True))
-            end = len(self._text_ids(messages[: k + 1], False))
+            start = self._prefix_len(messages[:k], True, descriptors)
+            end = self._prefix_len(messages[: k + 1], False, descriptors)
             seg = ids[start:end]
             stop = seg.index(self.eos_token_id) + 1 if self.eos_token_id in seg else len(seg)
             for t in range(start, start + stop):
                 mask[t] = True
         return mask
 
-    def _text_ids(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def _prefix_len(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, descriptors: list[Descriptor]
+    ) -> int:
         if not messages:
-            return []
-        return self._render(messages, add_generation_prompt, with_mask=False).token_ids
+            return 0
+        prefix = descriptors[: len(image_refs(messages))]
+        return len(self._encode(self._template(messages, add_generation_prompt), prefix, 0)[0])
 
-    def _render(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, *, with_mask: bool
-    ) -> Rendered:
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> Rendered:
         descriptors = [self.describe(d) for d in image_refs(messages)]
         ids, spans = self._encode(self._template(messages, add_generation_prompt), descriptors, 0)
-        mask = self._assistant_mask(messages, ids) if with_mask else [False] * len(ids)
+        mask = self._assistant_mask(messages, ids, descriptors)
         return Rendered(ids, descriptors, spans, mask, [dict(m) for m in messages])
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> Rendered:
         """Render a whole conversation (images must be refs)."""
         reject_processed(list(messages), "$messages")
-        return self._render(messages, add_generation_prompt, with_mask=True)
+        return self._render(messages, add_generation_prompt)
 
     def bridge(
         self,
