@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from . import headers
 
 # Only these formats are images we accept; PIL's name -> the MIME type we serve.
 FORMAT_MIME: dict[str, str] = {
@@ -88,9 +90,8 @@ class ImageTooLarge(ImageError):
     code = "image_too_large"
 
 
-@dataclass(frozen=True, slots=True)
-class ImageHeader:
-    """What the file header says, without decoding pixels."""
+class ImageHeader(NamedTuple):
+    """What the file header says, without decoding pixels (a tuple: built on every placement)."""
 
     format: str  # PIL's format name, e.g. "PNG"
     mime: str
@@ -141,30 +142,30 @@ def _orientation(img: Image.Image) -> int:
 
 
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
-    """Read format and size from the header only (tens of microseconds; no pixel decoding).
+    """Read format and size from the header only (microseconds; no pixel decoding).
 
-    Raises :class:`UnsupportedImage`, :class:`CorruptImage` or :class:`ImageTooLarge`.
+    Well-formed PNG and JPEG headers are read by :mod:`mmstore_client.headers`; everything else
+    by PIL. Raises :class:`UnsupportedImage`, :class:`CorruptImage` or :class:`ImageTooLarge`.
     """
-    img = _open(data)
-    raw_w, raw_h = img.size
+    fast = headers.read(data)
+    if fast is not None:
+        fmt, raw_w, raw_h, orientation = fast
+        frames = 1
+    else:
+        img = _open(data)
+        fmt, (raw_w, raw_h), frames = img.format, img.size, getattr(img, "n_frames", 1)
+        # TIFF: PIL's libtiff decoder applies the orientation while loading without swapping the
+        # stored width/height (checked against ImageOps.exif_transpose in the tests): TIFF keeps them.
+        orientation = 1 if fmt == "TIFF" else _orientation(img)
     if raw_w <= 0 or raw_h <= 0:
         raise CorruptImage(f"image header gives an empty size {raw_w}x{raw_h}")
     if raw_w * raw_h > max_pixels:
         raise ImageTooLarge(
             f"image is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of {max_pixels}"
         )
-    # TIFF: PIL's libtiff decoder applies the orientation while loading without swapping the
-    # stored width/height (checked against ImageOps.exif_transpose in the tests), so TIFF keeps them.
-    swap = img.format != "TIFF" and _orientation(img) in _SWAPPING_ORIENTATIONS
-    return ImageHeader(
-        format=img.format,
-        mime=FORMAT_MIME[img.format],
-        raw_width=raw_w,
-        raw_height=raw_h,
-        width=raw_h if swap else raw_w,
-        height=raw_w if swap else raw_h,
-        frames=getattr(img, "n_frames", 1),
-    )
+    if orientation in _SWAPPING_ORIENTATIONS:  # fields: format, mime, raw size, upright size, frames
+        return ImageHeader(fmt, FORMAT_MIME[fmt], raw_w, raw_h, raw_h, raw_w, frames)
+    return ImageHeader(fmt, FORMAT_MIME[fmt], raw_w, raw_h, raw_w, raw_h, frames)
 
 
 def verify(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:

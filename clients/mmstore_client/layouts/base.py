@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import blake3
 from pydantic import BaseModel, ConfigDict
@@ -56,9 +55,11 @@ class LayoutConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where one image lands: the processor's geometry for it and its count of ``image_token``."""
+class Placement(NamedTuple):
+    """Where one image lands: the processor's geometry for it and its count of ``image_token``.
+
+    A tuple, as cheap to build as the header read it follows (placement runs per image per turn).
+    """
 
     grid: tuple[int, ...]
     num_tokens: int
