@@ -487,7 +487,8 @@ def markdown(speed: list[SpeedRow], wire: list[WireRow], info: dict, settings: d
     floor_us = statistics.median(r.place_us for r in jpeg)
     lines.append(
         f"- With the header path at its JPEG cost ({floor_us:.1f} us: `headers.read` walks the JPEG "
-        f"segments to the frame header + `place`), only images whose HF path costs >= {floor_us * SPEED_TARGET / 1e3:.0f} ms can reach "
+        f"segments to the frame header + `place`), only images whose HF path costs >= "
+        f"{floor_us * SPEED_TARGET / 1e3:.1f} ms can reach "
         f"{SPEED_TARGET:,.0f}x; the HF path here costs "
         f"{min(r.hf_ms for r in speed):.1f}-{max(r.hf_ms for r in speed):.1f} ms per image."
     )

@@ -23,6 +23,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -168,7 +169,7 @@ def tool_version(cmd: list[str]) -> str:
 
 
 NGINX_CONF = """\
-{user}worker_processes 1;
+{user}worker_processes {workers};
 daemon off;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
@@ -189,6 +190,23 @@ http {{
         location / {{ }}
     }}
 }}
+"""
+
+
+# The most one uvicorn server can answer on this machine: a bare ASGI app returning a constant
+# body from memory (no lookup, no file, no metrics), run as mmstore runs it (uvloop, httptools).
+CEILING_APP = """\
+import os
+
+BODY = b"x" * int(os.environ["CEILING_BYTES"])
+HEADERS = [(b"content-type", b"image/png"), (b"content-length", str(len(BODY)).encode())]
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
 """
 
 
@@ -232,30 +250,28 @@ end
 """
 )
 
-# PUT: the next image of the manifest under its own digest; bodies read from (tmpfs) files per
-# request, so the set may be larger than LuaJIT's heap. Wraps (dedup hits) only if exhausted.
+# PUT: the next image of the manifest under its own digest; every request is formatted once in
+# init (LuaJIT's GC64 heap holds the ~2 GB), so the load generator spends nothing per request but
+# the socket write, as for GET. Wraps (dedup hits) only if exhausted.
 LUA_PUT = (
     LUA_COMMON
     + """
-local digests, files = {}, {}
+local reqs = {}
 local i = 0
-local run = "bench"
 local headers = {["Content-Type"] = "application/octet-stream"}
 function init(args)
+  local run = args[2] or "bench"
   for line in io.lines(args[1]) do
     local d, f = line:match("^(%S+) (.+)$")
-    digests[#digests + 1] = d
-    files[#files + 1] = f
+    local fh = assert(io.open(f, "rb"))
+    reqs[#reqs + 1] = wrk.format("PUT", "/v1/runs/" .. run .. "/blobs/" .. d, headers, fh:read("*a"))
+    fh:close()
   end
-  run = args[2] or run
 end
 function request()
-  i = i % #files + 1
+  i = i % #reqs + 1
   issued = issued + 1
-  local fh = assert(io.open(files[i], "rb"))
-  local body = fh:read("*a")
-  fh:close()
-  return wrk.format("PUT", "/v1/runs/" .. run .. "/blobs/" .. digests[i], headers, body)
+  return reqs[i]
 end
 """
 )
@@ -392,11 +408,15 @@ def markdown(results: list[Result], info: dict, settings: dict) -> str:
         "re-uploads bytes already stored (digest check + link, no decode, no blob write).",
         f"- wrk: {settings['wrk']}, {settings['warmup']} s warm-up per GET case (not counted). "
         "p50/p99 are wrk's (`--latency`).",
-        f"- nginx: `{settings['nginx_cmd']}` with worker_processes 1, sendfile on, access_log off, "
+        f"- nginx: `{settings['nginx_cmd']}` with worker_processes 1 and 2 (`nginx w1`, `nginx w2`; "
+        "every mmstore row is compared with the faster of the two), sendfile on, access_log off, "
         "keepalive_requests 100000000, default_type application/octet-stream.",
         f"- mmstore: `{settings['mmstore_cmd']}` with a fresh temporary root on the same disk "
         "(`MMSTORE_FSYNC=true`); `w1`/`w2` = `MMSTORE_WORKERS=1`/`2`, `no-fastpath` = "
         "`MMSTORE_FAST_BLOB_PATH=false` (GET through FastAPI's route).",
+        "- uvicorn bare ASGI: `python -m uvicorn ceiling_app:app` (one worker, uvloop + httptools as "
+        "mmstore runs) answering every GET with a constant body of the size from memory: what one "
+        "uvicorn worker can serve at all on this machine, the ceiling for `mmstore w1`.",
         "- Commands (`$TMP`: the run's temporary directory on disk, `$IMG`: its image directory on tmpfs):",
         "",
         "```",
@@ -473,20 +493,54 @@ def main(
                 )
             return out
 
-        # ---- nginx
-        port = free_port()
-        conf = tmp / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                user="user root;\n" if os.geteuid() == 0 else "", tmp=tmp, port=port, root=nroot
+        # ---- nginx, with 1 and 2 worker processes: each size is compared with nginx's best
+        nginx: dict[str, Result] = {}
+        for workers in (1, 2):
+            port = free_port()
+            conf = tmp / f"nginx-w{workers}.conf"
+            conf.write_text(
+                NGINX_CONF.format(
+                    user="user root;\n" if os.geteuid() == 0 else "",
+                    workers=workers,
+                    tmp=tmp,
+                    port=port,
+                    root=nroot,
+                )
             )
-        )
-        nginx_cmd = [nginx_bin(), "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
-        console.print(f"[bold]nginx[/] on :{port}")
-        p = procs.start(nginx_cmd, tmp / "nginx.log")
-        wait_http(f"http://127.0.0.1:{port}/", p, tmp / "nginx.log")
-        nginx = measure_get("nginx", f"http://127.0.0.1:{port}")
-        procs.stop(p)
+            nginx_cmd = [nginx_bin(), "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
+            console.print(f"[bold]nginx w{workers}[/] on :{port}")
+            p = procs.start(nginx_cmd, tmp / "nginx.log")
+            wait_http(f"http://127.0.0.1:{port}/", p, tmp / "nginx.log")
+            for size, r in measure_get(f"nginx w{workers}", f"http://127.0.0.1:{port}").items():
+                if size not in nginx or r.req_s > nginx[size].req_s:
+                    nginx[size] = r
+            procs.stop(p)
+        for r in nginx.values():
+            r.note = "nginx's best (req/s) for this size: the reference"
+
+        # ---- the ceiling of one uvicorn worker (a bare ASGI app, constant body from memory)
+        (tmp / "ceiling_app.py").write_text(CEILING_APP)
+        for s in get_sets.values():
+            port = free_port()
+            cmd = [
+                sys.executable, "-m", "uvicorn", "ceiling_app:app", "--app-dir", str(tmp), "--port",
+                str(port), "--no-access-log", "--log-level", "warning",
+            ]  # fmt: skip
+            env = open_env(CEILING_BYTES=str(round(s.mean_size)))
+            p = procs.start(cmd, tmp / "ceiling.log", env=env)
+            wait_http(f"http://127.0.0.1:{port}/", p, tmp / "ceiling.log")
+            base = f"http://127.0.0.1:{port}"
+            if warmup > 0:
+                wrk.run(base, "get.lua", [str(s.manifest)], duration=warmup, record=False)
+            w = wrk.run(base, "get.lua", [str(s.manifest)])
+            r = to_result("uvicorn bare ASGI w1", "GET", s, w)
+            r.ratio = r.req_s / nginx[s.size_label].req_s
+            r.note = "constant body from memory, no work: one uvicorn worker's ceiling"
+            results.append(r)
+            console.print(
+                f"  uvicorn bare ASGI GET {s.size_label}: {r.req_s:,.0f} req/s, {r.ratio:.0%} of nginx"
+            )
+            procs.stop(p)
 
         # ---- mmstore configurations
         configs = [
@@ -574,7 +628,8 @@ def main(
             ),
             "get_images": get_images,
             "put_desc": f"{put_small} distinct ~100 KB and {put_large} distinct ~2 MB images pre-generated "
-            f"on tmpfs (the Lua script reads one per request), {duration:g} s per case, "
+            "on tmpfs (the Lua script formats every request once, before the clock starts), "
+            f"{duration:g} s per case, "
             f"MMSTORE_WORKERS in {{{put_workers}}}",
             "wrk": f"`wrk -t{threads} -c{connections} -d{max(1, round(duration))}s --latency --timeout 30s`",
             "warmup": f"{warmup:g}",

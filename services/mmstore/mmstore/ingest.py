@@ -18,12 +18,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}", limit=limit)
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLargeError(f"body is over the limit of {limit} bytes", limit=limit)
-    return bytes(body)
+        chunks.append(chunk)
+    return b"".join(chunks)  # one copy, no regrowing buffer
 
 
 def ingest(
