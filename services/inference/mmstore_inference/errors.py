@@ -14,26 +14,16 @@ InferenceError
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+
+from mmstore_client.service_errors import ServiceError, error_class
 
 
-class InferenceError(Exception):
-    status = 500
-    code = "internal_error"
-    retry_after: int | None = None
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, **self.details}}
+class InferenceError(ServiceError):
+    """The inference service's errors."""
 
 
-def _error(name: str, status: int, code: str, retry_after: int | None = None) -> type[InferenceError]:
-    attrs = {"status": status, "code": code, "retry_after": retry_after, "__doc__": f"{status} {code}"}
-    return type(name, (InferenceError,), attrs)
+_error = functools.partial(error_class, InferenceError)
 
 
 InvalidRequest = _error("InvalidRequest", 422, "invalid_request")

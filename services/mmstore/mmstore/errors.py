@@ -19,31 +19,22 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from mmstore_client import decode
+from mmstore_client.service_errors import ServiceError, error_class
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
-class ApiError(Exception):
-    status = 500
-    code = "internal_error"
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, **self.details}}
+class ApiError(ServiceError):
+    """The store's errors."""
 
 
-def _error(name: str, status: int, code: str) -> type[ApiError]:
-    return type(name, (ApiError,), {"status": status, "code": code, "__doc__": f"{status} {code}"})
+_error = functools.partial(error_class, ApiError)
 
 
 InvalidDigestError = _error("InvalidDigestError", 400, "invalid_digest")
