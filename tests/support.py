@@ -6,27 +6,22 @@ import io
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from mmstore_rollout.stack import Service, free_port
 from PIL import Image
 
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
-    """A real service process (``argv``) on a free port, started and stopped by the test."""
+    """A real service process (``argv``) on a free port, started by the test; once started, the
+    stack's :class:`~mmstore_rollout.stack.Service` (own process group: stopping it also stops its
+    children, vLLM's engine processes)."""
 
     def __init__(
         self, argv: list[str], port: int, env: dict[str, str] | None = None, log: Path | None = None
@@ -34,18 +29,22 @@ class ServerProcess:
         self.argv, self.port, self.log = argv, port, log
         self.env = {**os.environ, **(env or {})}
         self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
+        self.service: Service | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.service.proc if self.service else None
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        # its own process group: stopping it also stops its children (vLLM's engine processes)
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.service = Service(Path(self.argv[0]).name, self.url, proc, self.log or Path(os.devnull))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv} exited with {self.proc.returncode}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited with {proc.returncode}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
@@ -55,17 +54,12 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as a crash."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.service:
+            self.service.kill()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.service:
+            self.service.stop(timeout=10)
 
 
 def store_process(root: Path, *, tokens: str | None = None, **env: str) -> ServerProcess:

@@ -54,14 +54,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from mmstore_client import AsyncStoreClient, IntegrityError, InvalidRef, NotFoundError, parse_ref
-from mmstore_client.descriptor import Descriptor, ImageSpan, ProcessedPayloadError
+from mmstore_client.descriptor import Descriptor, ProcessedPayloadError
 from mmstore_client.errors import ApiError, AuthError, BadRequestError, TransportError
 from mmstore_client.inference import Completion, GenerateRequest, GenerateResponse, SamplingOptions
 from mmstore_client.layouts import LayoutRefusal
@@ -70,277 +70,37 @@ from mmstore_client.placeholders import PlaceholderMismatch as IdsMismatch
 from mmstore_client.placeholders import check_runs
 from mmstore_client.render import Rendered, Renderer, RenderError
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from .errors import EngineUnavailable, InferenceError
+from .openai_schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatError,
+    Choice,
+    ChoiceLogprobs,
+    MmstoreInfo,
+    RenderInfo,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    from_inference,
+    invalid,
+    validation_error,
+)
 from .service import GenerateService
-from .settings import RUN_PATTERN, InferenceSettings
+from .settings import InferenceSettings
 
 log = logging.getLogger("mmstore_inference.openai")
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-
-# -- errors --------------------------------------------------------------------------------------
-
-
-class ChatError(Exception):
-    """An error of these endpoints, written as ``{"error": {message, type, param, code, ...}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        param: str | None = None,
-        retry_after: int | None = None,
-        **details: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-        self.retry_after = retry_after
-        self.details = details
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-            | self.details
-        }
-
-
-def _invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ChatError:
-    return ChatError(400, code, message, param)
-
-
-def _unsupported(param: str, why: str) -> ChatError:
-    return ChatError(400, "unsupported_parameter", f"{param}: {why}", param)
-
-
-def _from_inference(exc: InferenceError, locations: Sequence[str]) -> ChatError:
-    """The service's own error (same status and code), ``param`` naming the image's message part."""
-    image = exc.details.get("image")
-    param = locations[image] if isinstance(image, int) and 0 <= image < len(locations) else None
-    return ChatError(exc.status, exc.code, exc.message, param, exc.retry_after, **exc.details)
-
-
-def _param_of(loc: Sequence[Any]) -> str:
-    """``("body", "messages", 1, "content", "list[...]", 0, "text")`` -> ``messages[1].content[0].text``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part != "body":
-            out += f".{part}" if out else part
-    return out
-
-
-def _validation_error(exc: RequestValidationError | ValidationError) -> ChatError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        return _invalid(f"the body is not valid JSON: {first['msg']}")
-    param = _param_of(first["loc"]) or None
-    listed = [{"param": _param_of(e["loc"]), "msg": e["msg"]} for e in errors]
-    return ChatError(400, "invalid_request", f"{param or 'body'}: {first['msg']}", param, errors=listed)
-
-
-# -- request schemas -----------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Model):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(_Model):
-    url: str = Field(description="mmstore://blobs/<digest>, a data:image/...;base64 URI or an http(s) URL")
-    detail: Literal["auto", "low", "high"] | None = Field(None, description="ignored: the layout decides")
-
-
-class ImagePart(_Model):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class ChatMessage(_Model):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    # what clients copy back from a response's message: accepted, not rendered
-    refusal: str | None = None
-    annotations: list[Any] | None = None
-    audio: Any = None
-    function_call: Any = None
-
-    def template_message(self) -> dict[str, Any]:
-        """The message as the renderer (and the chat template) gets it."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
-        if isinstance(self.content, list):
-            out["content"] = [
-                {"type": "text", "text": p.text}
-                if isinstance(p, TextPart)
-                else {"type": "image_url", "image_url": {"url": p.image_url.url}}
-                for p in self.content
-            ]
-        return out | {k: getattr(self, k) for k in ("name", "tool_call_id", "tool_calls") if getattr(self, k)}
-
-
-class StreamOptions(_Model):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class MmstoreOptions(_Model):
-    run: str | None = Field(None, pattern=RUN_PATTERN, description="store run of offloaded images")
-    previous_token_ids: list[int] | None = Field(
-        None,
-        min_length=1,
-        description="the previous turn as sampled: prompt_token_ids + a choice's token_ids",
-    )
-    previous_messages_count: int | None = Field(
-        None, ge=1, description="messages[:k] are what previous_token_ids cover (default: through the "
-        "last assistant message)"
-    )  # fmt: skip
-    bridge: bool = Field(True, description="false: render from scratch, only report extends_previous")
-    allow_image_tokens: bool = False
-
-
-class ChatCompletionRequest(_Model):
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    n: int = Field(1, ge=1, le=64)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="only the sampled token is listed")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    top_k: int | None = Field(None, ge=-1, description="vLLM's extra parameter; 0 or -1: off")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM's extra parameter")
-    return_token_ids: bool | None = Field(None, description="vLLM's; accepted, ids are always returned")
-    mmstore: MmstoreOptions = Field(default_factory=MmstoreOptions)
-    # accepted and ignored
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
-    # accepted only when neutral
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    modalities: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        # a ChatError passes through pydantic untouched (only ValueError becomes a validation error)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise _unsupported(name, "penalties are not applied by this service; send 0 or omit it")
-        if self.logit_bias:
-            raise _unsupported("logit_bias", "not supported (the service bans image markup tokens itself)")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise _unsupported("response_format", "only {'type': 'text'} is supported")
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise _unsupported("tools", "tool definitions are not rendered by this service")
-        if self.modalities and self.modalities != ["text"]:
-            raise _unsupported("modalities", "only ['text'] output is supported")
-        if self.top_logprobs and not self.logprobs:
-            raise _invalid("top_logprobs requires logprobs=true", "top_logprobs")
-        if self.stream_options is not None and not self.stream:
-            raise _invalid("stream_options can only be given with stream=true", "stream_options")
-        return self
-
-    @property
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
-
-
-# -- response schemas (the non-streaming response is built from them) ---------------------------
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(description="the sampled token only (see the module docs)")
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"]
-    stop_reason: int | str | None = Field(description="the stop string or stop token id that ended it")
-    token_ids: list[int] = Field(description="the sampled ids, through a stop string's last token")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
-
-
-class RenderInfo(BaseModel):
-    mode: Literal["render", "bridge"]
-    previous_tokens: int | None = Field(description="length of previous_token_ids, when sent")
-    extends_previous: bool | None = Field(description="prompt_token_ids start with previous_token_ids")
-
-
-class MmstoreInfo(BaseModel):
-    family: str
-    fingerprint: str = Field(description="the loaded model's layout fingerprint")
-    descriptors: list[Descriptor]
-    image_spans: list[ImageSpan] = Field(description="each image's placeholder run in prompt_token_ids")
-    render: RenderInfo
-    run: str | None = Field(description="the store run of the offloaded images")
-    offloaded: list[str] = Field(description="digests of the inline images this request offloaded")
-    timings: dict[str, float]
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[Choice]
-    usage: Usage
-    prompt_token_ids: list[int]
-    mmstore: MmstoreInfo
-
 
 # -- rendering and decoding ----------------------------------------------------------------------
 
 
 class _CachingRenderer(Renderer):
     """The renderer with descriptors kept by digest (content-addressed, one layout: never stale),
-    so a conversation's images are not re-read every turn (reading a PNG's header decodes it)."""
+    so a conversation's images are not fetched and placed again every turn."""
 
     max_entries = 16384
 
@@ -445,7 +205,7 @@ def _image_urls(messages: Sequence[dict]) -> list[tuple[str, str]]:
 def _after_last_assistant(messages: Sequence[dict]) -> int:
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        raise _invalid(
+        raise invalid(
             "previous_token_ids given, but no assistant message to continue from",
             "mmstore.previous_token_ids",
         )
@@ -523,7 +283,7 @@ class OpenAIChat:
                     except ChatError as exc:
                         return owner._error(exc)
                     except RequestValidationError as exc:
-                        return owner._error(_validation_error(exc))
+                        return owner._error(validation_error(exc))
                     except Exception as exc:  # a bug: still OpenAI's shape, and logged with its trace
                         log.exception("chat request failed")
                         return owner._error(ChatError(500, "internal_error", f"internal error: {exc!r}"))
@@ -659,7 +419,7 @@ class OpenAIChat:
             message = (
                 f"the context is {limit} tokens: {len(ids)} in the prompt leave no room for {max_tokens}"
             )
-            raise _invalid(message, "max_tokens", "context_length_exceeded")
+            raise invalid(message, "max_tokens", "context_length_exceeded")
         try:
             sampling = SamplingOptions(
                 n=body.n,
@@ -673,7 +433,7 @@ class OpenAIChat:
                 allow_image_tokens=body.mmstore.allow_image_tokens,
             )
         except ValidationError as exc:
-            raise _validation_error(exc) from None
+            raise validation_error(exc) from None
         request = GenerateRequest(
             prompt_token_ids=ids,
             descriptors=prompt.rendered.descriptors,
@@ -683,13 +443,13 @@ class OpenAIChat:
         try:
             return await self.service.generate(request), text_stops, set(stop_ids)
         except InferenceError as exc:
-            raise _from_inference(exc, locations) from None
+            raise from_inference(exc, locations) from None
         except ValueError as exc:  # vLLM's own input validation
-            raise _invalid(f"vLLM refused the request: {exc}") from None
+            raise invalid(f"vLLM refused the request: {exc}") from None
         except Exception as exc:
             if self.service.engine.ready:
                 raise
-            raise _from_inference(EngineUnavailable(f"the vLLM engine failed: {exc!r}"), locations) from None
+            raise from_inference(EngineUnavailable(f"the vLLM engine failed: {exc!r}"), locations) from None
 
     # -- steps ---------------------------------------------------------------------------------
     async def _offload(self, messages: list[dict], run: str) -> tuple[list[dict], list[str]]:
@@ -700,12 +460,12 @@ class OpenAIChat:
                 try:
                     refs.add(parse_ref(url))
                 except InvalidRef as exc:
-                    raise _invalid(str(exc), where, "invalid_ref") from None
+                    raise invalid(str(exc), where, "invalid_ref") from None
             elif url.startswith(("data:", "http://", "https://")):
                 inline = True
             else:
                 message = f"{where}: an image URL is an mmstore ref, a data:image/...;base64 URI or http(s)"
-                raise _invalid(f"{message} URL; got {url[:60]!r}", where, "url_refused")
+                raise invalid(f"{message} URL; got {url[:60]!r}", where, "url_refused")
         if not inline:
             return messages, []
         try:
@@ -716,7 +476,7 @@ class OpenAIChat:
         except ProcessedPayloadError as exc:
             raise ChatError(400, exc.code, str(exc), "messages") from None
         except BadRequestError as exc:
-            raise _invalid(f"the store refused run {run!r}: {exc.message}", "mmstore.run", exc.code) from None
+            raise invalid(f"the store refused run {run!r}: {exc.message}", "mmstore.run", exc.code) from None
         except AuthError as exc:
             message = f"the store refused the service's upload ({exc.code}): give the service a token with "
             raise ChatError(
@@ -742,7 +502,7 @@ class OpenAIChat:
         if previous is not None:
             count = body.mmstore.previous_messages_count or _after_last_assistant(messages)
             if count >= len(messages) or messages[count - 1]["role"] != "assistant":
-                raise _invalid(
+                raise invalid(
                     f"previous_messages_count={count}: messages[:{count}] must end with the assistant "
                     "message of previous_token_ids, and at least one new message must follow",
                     "mmstore.previous_messages_count",

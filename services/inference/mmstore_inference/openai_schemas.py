@@ -1,0 +1,273 @@
+"""The wire format of the OpenAI-compatible endpoints (:mod:`mmstore_inference.openai_api`).
+
+The request models (strict: unknown fields refused, parameters the service would not honour
+refused by name), the response models the non-streaming response is built from, and the error
+body, OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with our codes and details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from mmstore_client.descriptor import Descriptor, ImageSpan
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InferenceError
+from .settings import RUN_PATTERN
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class ChatError(Exception):
+    """An error of these endpoints, written as ``{"error": {message, type, param, code, ...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        retry_after: int | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.retry_after = retry_after
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+            | self.details
+        }
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ChatError:
+    return ChatError(400, code, message, param)
+
+
+def unsupported(param: str, why: str) -> ChatError:
+    return ChatError(400, "unsupported_parameter", f"{param}: {why}", param)
+
+
+def from_inference(exc: InferenceError, locations: Sequence[str]) -> ChatError:
+    """The service's own error (same status and code), ``param`` naming the image's message part."""
+    image = exc.details.get("image")
+    param = locations[image] if isinstance(image, int) and 0 <= image < len(locations) else None
+    return ChatError(exc.status, exc.code, exc.message, param, exc.retry_after, **exc.details)
+
+
+def _param_of(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 1, "content", "list[...]", 0, "text")`` -> ``messages[1].content[0].text``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part != "body":
+            out += f".{part}" if out else part
+    return out
+
+
+def validation_error(exc: RequestValidationError | ValidationError) -> ChatError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return invalid(f"the body is not valid JSON: {first['msg']}")
+    param = _param_of(first["loc"]) or None
+    listed = [{"param": _param_of(e["loc"]), "msg": e["msg"]} for e in errors]
+    return ChatError(400, "invalid_request", f"{param or 'body'}: {first['msg']}", param, errors=listed)
+
+
+# -- request schemas -----------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str = Field(description="mmstore://blobs/<digest>, a data:image/...;base64 URI or an http(s) URL")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="ignored: the layout decides")
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    # what clients copy back from a response's message: accepted, not rendered
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as the renderer (and the chat template) gets it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if isinstance(self.content, list):
+            out["content"] = [
+                {"type": "text", "text": p.text}
+                if isinstance(p, TextPart)
+                else {"type": "image_url", "image_url": {"url": p.image_url.url}}
+                for p in self.content
+            ]
+        return out | {k: getattr(self, k) for k in ("name", "tool_call_id", "tool_calls") if getattr(self, k)}
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class MmstoreOptions(_Model):
+    run: str | None = Field(None, pattern=RUN_PATTERN, description="store run of offloaded images")
+    previous_token_ids: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="the previous turn as sampled: prompt_token_ids + a choice's token_ids",
+    )
+    previous_messages_count: int | None = Field(
+        None, ge=1, description="messages[:k] are what previous_token_ids cover (default: through the "
+        "last assistant message)"
+    )  # fmt: skip
+    bridge: bool = Field(True, description="false: render from scratch, only report extends_previous")
+    allow_image_tokens: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=64)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="only the sampled token is listed")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extra parameter; 0 or -1: off")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM's extra parameter")
+    return_token_ids: bool | None = Field(None, description="vLLM's; accepted, ids are always returned")
+    mmstore: MmstoreOptions = Field(default_factory=MmstoreOptions)
+    # accepted and ignored
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # accepted only when neutral
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        # a ChatError passes through pydantic untouched (only ValueError becomes a validation error)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise unsupported(name, "penalties are not applied by this service; send 0 or omit it")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "not supported (the service bans image markup tokens itself)")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise unsupported("response_format", "only {'type': 'text'} is supported")
+        if self.tools or self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tools", "tool definitions are not rendered by this service")
+        if self.modalities and self.modalities != ["text"]:
+            raise unsupported("modalities", "only ['text'] output is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs requires logprobs=true", "top_logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options can only be given with stream=true", "stream_options")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+
+# -- response schemas (the non-streaming response is built from them) ---------------------------
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the sampled token only (see the module docs)")
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"]
+    stop_reason: int | str | None = Field(description="the stop string or stop token id that ended it")
+    token_ids: list[int] = Field(description="the sampled ids, through a stop string's last token")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class RenderInfo(BaseModel):
+    mode: Literal["render", "bridge"]
+    previous_tokens: int | None = Field(description="length of previous_token_ids, when sent")
+    extends_previous: bool | None = Field(description="prompt_token_ids start with previous_token_ids")
+
+
+class MmstoreInfo(BaseModel):
+    family: str
+    fingerprint: str = Field(description="the loaded model's layout fingerprint")
+    descriptors: list[Descriptor]
+    image_spans: list[ImageSpan] = Field(description="each image's placeholder run in prompt_token_ids")
+    render: RenderInfo
+    run: str | None = Field(description="the store run of the offloaded images")
+    offloaded: list[str] = Field(description="digests of the inline images this request offloaded")
+    timings: dict[str, float]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+    prompt_token_ids: list[int]
+    mmstore: MmstoreInfo
