@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import ServerProcess, store_process
+from support import S3Server, ServerProcess, store_process
 
 TOKENS = '{"reader": ["read"], "writer": ["write"], "admin": ["admin"]}'
 
@@ -93,86 +93,6 @@ def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
 
 
 # -- the S3 backend: a real S3-compatible HTTP server (moto's server mode) -------------------------
-
-# moto's server checks a conditional request (If-None-Match / If-Match) and then applies it in two
-# steps, across threads; S3, MinIO and R2 apply each request atomically. This runs the same moto
-# app under one lock, so the tests see S3's atomicity (which the backend's conditional writes rely on).
-_MOTO_SERVER = """
-import sys, threading
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-
-app = DomainDispatcherApplication(create_backend_app)
-lock = threading.Lock()
-
-def atomic(environ, start_response):
-    with lock:
-        return list(app(environ, start_response))
-
-run_simple("127.0.0.1", int(sys.argv[1]), atomic, threaded=True, request_handler=MotoRequestHandler)
-"""
-
-
-class S3Server:
-    """A moto S3 server process on a free loopback port; ``bucket()`` makes a fresh bucket."""
-
-    def __init__(self, log: Path) -> None:
-        from support import free_port
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": self.endpoint,
-        }
-        self.log = log
-        self.proc = None
-        self._buckets = 0
-
-    def start(self, timeout: float = 60.0) -> S3Server:
-        import subprocess
-
-        import httpx
-
-        out = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _MOTO_SERVER, str(self.port)], stdout=out, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"moto server exited, see {self.log}"
-            try:
-                httpx.get(f"{self.endpoint}/moto-api/", timeout=1)
-                return self
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-
-    def client(self):
-        """A boto3 client on the server (to create buckets and to look inside them)."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-
-    def bucket(self, prefix: str = "store") -> str:
-        """A new empty bucket; its ``s3://bucket/prefix`` storage URL."""
-        self._buckets += 1
-        name = f"mmstore-test-{self._buckets}"
-        self.client().create_bucket(Bucket=name)
-        return f"s3://{name}/{prefix}"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def s3_store_process(s3: S3Server, url: str, log_dir: Path, *, tokens: str | None = None, **env: str):

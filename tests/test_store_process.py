@@ -96,3 +96,56 @@ def test_fsck_finds_and_quarantines_rotten_blob(tmp_path):
         assert httpx.get(f"{server.url}/v1/runs/r").json()["blob_count"] == 1
     finally:
         server.stop()
+
+
+def _connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections on ``port`` each process holds (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED, server side
+                    inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                held += 1
+        counts[pid] = held
+    return counts
+
+
+def test_workers_share_keepalive_connections(tmp_path):
+    """With 2 workers, 16 long-lived client connections are spread over both processes (each
+    worker listens on its own SO_REUSEPORT socket), not all accepted by the first one awake."""
+    server = store_process(tmp_path / "data", workers="2").start()
+    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(16)]
+    try:
+        data = image_bytes(64, 48)
+        digest = compute_digest(data)
+        assert clients[0].put(f"/v1/runs/r/blobs/{digest}", content=data).status_code == 201
+        for client in clients:  # each its own connection, kept open
+            assert client.get(f"/v1/blobs/{digest}").content == data
+        children = subprocess.run(
+            ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        workers = []
+        for pid in map(int, children):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():  # not the resource tracker
+                    workers.append(pid)
+        assert len(workers) == 2, children
+        counts = _connections_by_pid(workers, server.port)
+        assert sum(counts.values()) == 16, counts
+        assert all(n > 0 for n in counts.values()), counts  # all on one: p = 2 * 2**-16
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()

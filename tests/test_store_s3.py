@@ -64,15 +64,7 @@ def storage(s3_server):
 def info_of(data: bytes) -> BlobInfo:
     from mmstore_client import decode
 
-    header = decode.verify(data, max_pixels=10**8)
-    return BlobInfo(
-        digest=compute_digest(data),
-        size=len(data),
-        mime=header.mime,
-        format=header.format,
-        width=header.raw_width,
-        height=header.raw_height,
-    )
+    return BlobInfo.of(compute_digest(data), len(data), decode.verify(data, max_pixels=10**8))
 
 
 def test_a_blob_uploaded_through_one_replica_is_served_by_the_other(replicas):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from .decode import ImageHeader
 
 
 class _Model(BaseModel):
@@ -18,6 +23,18 @@ class BlobInfo(_Model):
     format: str = Field(description="PIL format name: PNG, JPEG, WEBP, GIF, BMP, TIFF")
     width: int
     height: int
+
+    @classmethod
+    def of(cls, digest: str, size: int, header: ImageHeader) -> BlobInfo:
+        """The info of ``size`` bytes under ``digest`` whose header :func:`decode.probe` read."""
+        return cls(
+            digest=digest,
+            size=size,
+            mime=header.mime,
+            format=header.format,
+            width=header.raw_width,
+            height=header.raw_height,
+        )
 
 
 class RunInfo(_Model):

@@ -75,6 +75,8 @@ def serve(
     """Run the HTTP service."""
     import uvicorn
 
+    from .workers import serve as serve_workers
+
     settings = _settings(host=host, port=port, root=root, storage=storage, workers=workers)
     if not settings.token_scopes() and not is_loopback(settings.host):
         console.print(
@@ -82,10 +84,9 @@ def serve(
             "would be open. Set MMSTORE_TOKENS or MMSTORE_TOKENS_FILE, or bind 127.0.0.1.[/red]"
         )
         raise typer.Exit(2)
-    if settings.storage:
-        _open_storage(settings)  # fail here, naming the fix, rather than in every request
-    else:
-        settings.root.mkdir(parents=True, exist_ok=True)
+    # Open the storage once here: a bucket that cannot be used fails now, naming the fix, rather
+    # than in every request; a local index is created (schema, WAL mode) before workers race to.
+    _open_storage(settings)
     where = f"storage={settings.storage}" if settings.storage else f"root={settings.root.resolve()}"
     console.print(
         f"mmstore on http://{settings.host}:{settings.port} {where} "
@@ -100,7 +101,7 @@ def serve(
             "MMSTORE_STORAGE": settings.storage or "",
         }
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         "mmstore.app:create_app",
         factory=True,
         host=settings.host,
@@ -109,6 +110,7 @@ def serve(
         log_level=log_level,
         access_log=False,
     )
+    serve_workers(config)
 
 
 @app.command()

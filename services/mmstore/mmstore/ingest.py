@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import Request
 from mmstore_client import decode
 from mmstore_client.digest import compute_digest
@@ -11,6 +14,9 @@ from .errors import DigestMismatchError, PayloadTooLargeError, from_image_error
 from .metrics import StoreMetrics
 from .settings import Settings
 from .storage.base import PutResult, Storage
+
+# decodes that overlap a remote backend's existence check (PIL releases the GIL while decoding)
+_verifier = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="mmstore-verify")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -39,7 +45,8 @@ def ingest(
     """Verify and store ``data`` for ``run`` (runs in a worker thread: hashing and decoding).
 
     The bytes already stored under a digest were verified when first stored, so a re-upload only
-    needs its digest checked before it is linked.
+    needs its digest checked before it is linked. On a remote backend (a bucket) the existence
+    check is a round trip: the decode runs meanwhile, its result used only if the blob is new.
     """
     digest = compute_digest(data)
     if expected is not None and digest != expected:
@@ -47,22 +54,24 @@ def ingest(
             "the body's digest differs from the digest in the URL", expected=expected, actual=digest
         )
     metrics.bytes_in.inc(len(data))
+    verifying = (
+        _verifier.submit(decode.verify, data, max_pixels=settings.max_image_pixels)
+        if storage.remote
+        else None
+    )
     existing = storage.link_existing(run, digest)
     if existing is not None:
+        if verifying is not None:
+            verifying.cancel()  # if it has not started
         metrics.blobs_deduplicated.inc()
         return PutResult(existing, created=False)
     try:
-        header = decode.verify(data, max_pixels=settings.max_image_pixels)
+        header = (
+            verifying.result() if verifying else decode.verify(data, max_pixels=settings.max_image_pixels)
+        )
     except decode.ImageError as exc:
         raise from_image_error(exc) from exc
-    info = BlobInfo(
-        digest=digest,
-        size=len(data),
-        mime=header.mime,
-        format=header.format,
-        width=header.raw_width,
-        height=header.raw_height,
-    )
+    info = BlobInfo.of(digest, len(data), header)
     result = storage.put(run, digest, data, info)
     (metrics.blobs_created if result.created else metrics.blobs_deduplicated).inc()
     return result

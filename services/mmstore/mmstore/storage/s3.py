@@ -71,7 +71,7 @@ from .s3_layout import (
 
 _ROUNDS = 8  # claim / verify rounds of one write; each is lost only to a GC deleting that blob
 _CAS_ATTEMPTS = 64  # compare-and-swap attempts on one run counter
-_CHUNK = 256 << 10  # bytes per chunk streamed to a client
+_CHUNK = 1 << 20  # bytes per chunk streamed to a client (a 2 MB image: 2 chunks)
 _FANOUT = 16  # concurrent requests of one call (missing, runs, delete_run, gc, fsck)
 _REFS_BY_LISTING = 1000  # deleting more links than this: list all refs once rather than per blob
 _COUNTERS_CACHED = 10_000  # run counters remembered (with their ETag) for one-request updates
