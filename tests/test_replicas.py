@@ -4,8 +4,8 @@ Two real replicas (vLLM CPU, tiny Qwen2-VL) are started once for the module, in 
 session's store. A 10-turn rollout whose turns alternate between them gives exactly what one
 replica gives; so does a GRPO group spread over both. nginx (Debian's package, started by the
 stack) in front of them hashes the affinity header and round-robins without it; the reduced smoke
-loop runs through it with one replica SIGKILLed but still listed. The last test kills a replica:
-keep it last. Without nginx the tests that need it skip and say so (`apt-get install -y nginx`).
+loop runs through it while one replica is SIGKILLed mid-run. The last test kills a replica: keep
+it last. Without nginx the tests that need it skip and say so (`apt-get install -y nginx`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +203,17 @@ async def test_grpo_group_spread_over_both_replicas_equals_one_replica(cluster, 
     assert len({tuple(s.token_ids) for s in spread}) > 1, "the group's samples should differ"
 
 
+def _logged(access_log: Path, since: int, requests: int, timeout: float = 10.0) -> lb.BalancerStats:
+    """The access log's counts once it holds ``requests`` entries: nginx writes a line after the
+    response has gone out, so the client can read the log before its own request is in it."""
+    deadline = time.monotonic() + timeout
+    stats = lb.log_stats(access_log, since=since)
+    while stats.requests < requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = lb.log_stats(access_log, since=since)
+    return stats
+
+
 @needs_nginx
 async def test_nginx_hashes_the_affinity_header_and_round_robins_without(cluster, renderer):
     env = ShapesEnv(103, 1)
@@ -231,7 +244,7 @@ async def test_nginx_hashes_the_affinity_header_and_round_robins_without(cluster
 
     async with AsyncInferenceClient(url) as client:  # the client sets the header
         await client.generate(body, affinity="group-a")
-    stats = lb.log_stats(cluster.balancer.access_log, since=log_start)
+    stats = _logged(cluster.balancer.access_log, log_start, 4 + 4 + 16 + 1)
     assert stats.requests == 4 + 4 + 16 + 1 and stats.retries == 0
     assert stats.by_pool == {"round-robin": 4, "affinity": 21}
     last = lb.read_log(cluster.balancer.access_log)[-1]
@@ -240,11 +253,12 @@ async def test_nginx_hashes_the_affinity_header_and_round_robins_without(cluster
 
 @needs_nginx
 def test_smoke_through_nginx_survives_a_killed_replica(cluster, tiny_qwen2_vl, tmp_path):
-    """The reduced smoke loop on 2 replicas behind nginx, one of them SIGKILLed and still listed.
+    """The reduced smoke loop on 2 replicas behind nginx; one replica is SIGKILLed mid-run.
 
-    The victim is the replica nginx hashes the first group's key to (asked with a cheap invalid
-    request, which a replica answers 422 without a retry), so that group's first turn is sent to
-    a dead replica for sure: nginx must move it to the survivor and count the retry.
+    The victim is the replica nginx hashes the first group's key to (asked beforehand with a cheap
+    invalid request, which a replica answers 422 without a retry). It is killed as soon as the
+    smoke's nginx has logged that group's first answered turn, so the group's later turns meet a
+    dead replica (in flight or not yet sent): nginx must move them to the survivor, and count it.
     """
     from mmstore_rollout.smoke import SmokeConfig, run_smoke
 
@@ -261,17 +275,28 @@ def test_smoke_through_nginx_survives_a_killed_replica(cluster, tiny_qwen2_vl, t
         train_steps=1,
         run="smoke-replicas",
     )
+    key = f"{cfg.run}/seed0"  # RolloutWorker.affinity_key(0)
     probe = httpx.post(
-        f"{cluster.balancer.url}/v1/generate",
-        json={},
-        headers={AFFINITY_HEADER: f"{cfg.run}/seed0"},  # RolloutWorker.affinity_key(0)
-        timeout=30,
+        f"{cluster.balancer.url}/v1/generate", json={}, headers={AFFINITY_HEADER: key}, timeout=30
     )
     assert probe.status_code == 422, probe.text
     (victim,) = [r for r in cluster.replicas if r.url.split("://", 1)[1] == probe.headers[lb.REPLICA_HEADER]]
-    victim.kill()
-    killed = [victim.url]
+    killed: list[str] = []
+
+    def kill_after_the_first_turn() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            for log in (cfg.out / "services").glob("*/access.log"):  # the smoke's own nginx
+                if any(e.get("affinity") == key and e.get("status") == "200" for e in lb.read_log(log)):
+                    victim.kill()
+                    killed.append(victim.url)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_after_the_first_turn, daemon=True)
+    killer.start()
     summary = run_smoke(cfg)
+    killer.join(10)
 
     assert killed, "a replica was killed"
     assert summary.rollouts == 8 and summary.turns == 8 * 3

@@ -41,4 +41,4 @@ def thw_placement(height: int, width: int, patch_size: int, merge_size: int) -> 
     one temporal step); each ``merge_size`` x ``merge_size`` block of patches is one token.
     """
     grid_h, grid_w = height // patch_size, width // patch_size
-    return Placement(grid=(1, grid_h, grid_w), num_tokens=grid_h * grid_w // merge_size**2)
+    return Placement((1, grid_h, grid_w), grid_h * grid_w // (merge_size * merge_size))

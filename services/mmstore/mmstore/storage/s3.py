@@ -9,7 +9,8 @@ number of them serve one bucket with no shared disk and no coordination:
   replicas, end as one object, and exactly one of them answers 201;
 - links are created with ``If-None-Match: *`` too, so only the request that created a link counts
   it; run counters (``runs/<run>.json``) are then updated by compare-and-swap on their ETag
-  (``If-Match``) with jittered retries. GET /v1/runs/{run} is one small GET, whatever the run's
+  (``If-Match``) with jittered retries, the links a replica makes into one run at the same time
+  counted in one update (:mod:`.batching`). GET /v1/runs/{run} is one small GET, whatever the run's
   size; GET /v1/runs is one LIST plus one GET per run. A replica that dies between a link and its
   count leaves the count short by one: ``mmstore fsck`` recounts (also after a run was deleted
   while uploads into that same run were still arriving);
@@ -48,6 +49,7 @@ from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
 from .base import FsckReport, PutResult, Storage
+from .batching import GroupCommit
 from .s3_guard import CONFLICT, Guards, StorageBusyError, backoff
 from .s3_layout import (
     BLOBS,
@@ -102,6 +104,7 @@ class S3Storage(Storage):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._counters: OrderedDict[str, tuple[RunCounter, str]] = OrderedDict()  # run -> (last seen, ETag)
+        self._counts = GroupCommit(self._add_counts)  # new links' counts, one update per batch
 
     # -- plumbing -----------------------------------------------------------------------
     def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
@@ -194,10 +197,13 @@ class S3Storage(Storage):
         except AlreadyExistsError:
             return  # linked before: counted then
 
-        def count(c: RunCounter) -> RunCounter:
-            return RunCounter(c.blob_count + 1, c.bytes + info.size, c.created_at, time.time())
+        self._counts.add(run, 1, info.size)  # with the other links into this run arriving now
 
-        self._update_counter(run, count)
+    def _add_counts(self, run: str, count: int, size: int) -> None:
+        def add(c: RunCounter) -> RunCounter:
+            return RunCounter(c.blob_count + count, c.bytes + size, c.created_at, time.time())
+
+        self._update_counter(run, add)
 
     # -- Storage ------------------------------------------------------------------------
     def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
@@ -236,9 +242,15 @@ class S3Storage(Storage):
         return bytes(obstore.get_range(self.store, key, start=start, length=length))
 
     async def open_stream(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
-        result = await obstore.get_async(
-            self.store, blob_key(digest_hex(digest)), options={"range": (start, start + length)}
-        )
+        key = blob_key(digest_hex(digest))
+        if length <= _CHUNK:  # one chunk: one ranged GET, awaited once
+            data = bytes(await obstore.get_range_async(self.store, key, start=start, length=length))
+
+            async def whole() -> AsyncIterator[bytes]:
+                yield data
+
+            return whole()
+        result = await obstore.get_async(self.store, key, options={"range": (start, start + length)})
 
         async def chunks() -> AsyncIterator[bytes]:
             async for chunk in result.stream(min_chunk_size=_CHUNK):
