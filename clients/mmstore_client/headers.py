@@ -129,8 +129,8 @@ def _jpeg(data: bytes) -> tuple[str, int, int, int] | None:
         if marker in _JPEG_SKIPPED:
             continue
         if marker == 0xDB:
-            if not _dqt_ok(data, body, pos):
-                return None
+            if not (length == 67 and data[body] < 16) and not _dqt_ok(data, body, pos):
+                return None  # (the common case, one 8-bit table, checked inline)
         elif marker == 0xDA:  # start of scan: the header is complete
             if size is None:
                 return None
@@ -168,8 +168,6 @@ def _jpeg(data: bytes) -> tuple[str, int, int, int] | None:
 
 def _dqt_ok(data: bytes, pos: int, end: int) -> bool:
     """Every quantization table complete (PIL refuses the file otherwise)."""
-    if end - pos == 65 and data[pos] < 16:  # the common case: one 8-bit table
-        return True
     while pos < end:
         pos += 1 + (64 if data[pos] < 16 else 128)
     return pos == end
