@@ -67,3 +67,31 @@ def test_an_update_error_reaches_every_caller_of_its_batch_and_later_batches_go_
         t.join(5)
     assert len(errors) == 1  # the first batch's caller
     assert calls == [1, 5]  # the five queued meanwhile: one update, applied
+
+
+def test_no_caller_waits_on_more_than_the_write_in_flight_and_its_own():
+    """Under a steady stream of arrivals, each call sees at most 2 updates complete while it waits
+    (the one in flight when it came, then its batch's): nobody keeps writing for later callers."""
+    completed = 0
+    lock = threading.Lock()
+
+    def apply(key: str, count: int, size: int) -> None:
+        nonlocal completed
+        time.sleep(0.005)
+        with lock:
+            completed += 1
+
+    commit = GroupCommit(apply)
+
+    def caller(_: int) -> int:
+        worst = 0
+        for _ in range(25):
+            with lock:
+                before = completed
+            commit.add("run", 1, 1)
+            with lock:
+                worst = max(worst, completed - before)
+        return worst
+
+    with ThreadPoolExecutor(8) as pool:
+        assert max(pool.map(caller, range(8))) <= 2
