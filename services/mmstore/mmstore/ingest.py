@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,11 +55,8 @@ def ingest(
             "the body's digest differs from the digest in the URL", expected=expected, actual=digest
         )
     metrics.bytes_in.inc(len(data))
-    verifying = (
-        _verifier.submit(decode.verify, data, max_pixels=settings.max_image_pixels)
-        if storage.remote
-        else None
-    )
+    verify = functools.partial(decode.verify, data, max_pixels=settings.max_image_pixels)
+    verifying = _verifier.submit(verify) if storage.remote else None
     existing = storage.link_existing(run, digest)
     if existing is not None:
         if verifying is not None:
@@ -66,9 +64,7 @@ def ingest(
         metrics.blobs_deduplicated.inc()
         return PutResult(existing, created=False)
     try:
-        header = (
-            verifying.result() if verifying else decode.verify(data, max_pixels=settings.max_image_pixels)
-        )
+        header = verifying.result() if verifying else verify()
     except decode.ImageError as exc:
         raise from_image_error(exc) from exc
     info = BlobInfo.of(digest, len(data), header)

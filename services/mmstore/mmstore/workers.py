@@ -6,7 +6,7 @@ loaders, a balancer's pool) can all land on one worker while the others idle (me
 connections on 2 workers gave 11k or 17k req/s from run to run). With ``SO_REUSEPORT`` each
 worker has its own accept queue and the kernel spreads connections over them by address hash.
 uvicorn's supervisor is kept as it is (worker restarts, signals); only what a worker listens on
-changes. Linux (and the BSDs) only: elsewhere, and for one worker, :func:`serve` is ``uvicorn.run``.
+changes. Where ``SO_REUSEPORT`` is missing, the workers share one socket as uvicorn's do.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
 
@@ -39,11 +40,14 @@ class _ReusePortProcess(multiprocess.Process):
 
 def serve(config: uvicorn.Config) -> None:
     """Run ``config`` with ``config.workers`` processes (one: in this process)."""
-    if config.workers <= 1 or not hasattr(socket, "SO_REUSEPORT"):
+    if config.workers <= 1:
         server = uvicorn.Server(config)
         server.run()
         if not server.started:
-            sys.exit(3)  # as uvicorn.run: the app or the socket failed at startup
+            sys.exit(STARTUP_FAILURE)  # as uvicorn.run: the app or the socket failed at startup
+        return
+    if not hasattr(socket, "SO_REUSEPORT"):  # uvicorn's own way: one socket shared by all
+        multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     # Bound, never listening: the port is this server's (a busy port fails here, once, not in
     # every worker), while only the workers' sockets take connections.
