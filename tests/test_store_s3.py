@@ -213,6 +213,72 @@ def test_fsck_rehashes_quarantines_and_recounts(s3_server, storage):
     assert r.returncode == 0 and json.loads(r.stderr)["deleted"] == 0
 
 
+def _bucket_keys_of(s3_server, url: str, hexd: str) -> list[str]:
+    return [k for k in keys(s3_server, url, "") if hexd in k]
+
+
+def test_an_upload_that_fails_its_decode_leaves_nothing_in_the_bucket(s3_server, replicas):
+    """The decode overlaps the upload to the bucket; bytes it rejects are withdrawn before any
+    link, and the decoding threads run below the server's priority."""
+    url, a, _ = replicas
+    whole = noise_png(400_000, seed=11)
+    cut = whole[: len(whole) * 3 // 5]  # header intact (the probe accepts it), pixel data cut
+    digest = compute_digest(cut)
+    r = httpx.put(f"{a.url}/v1/runs/cut/blobs/{digest}", content=cut, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt_image", r.text
+    assert _bucket_keys_of(s3_server, url, digest_hex(digest)) == []
+    assert httpx.get(f"{a.url}/v1/blobs/{digest}").status_code == 404
+    assert httpx.get(f"{a.url}/v1/runs/cut").status_code == 404
+    nice = []
+    for stat in Path(f"/proc/{a.proc.pid}/task").glob("*/stat"):
+        nice.append(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+    assert 10 in nice and 0 in nice, nice  # MMSTORE_DECODE_NICE's default, and the rest at 0
+
+
+def test_bytes_that_fail_their_check_are_withdrawn_from_a_racing_writers_run(s3_server, storage):
+    """Another replica deduplicates the bytes while the uploader's decode runs: both links go."""
+    from mmstore_client import decode
+
+    cut = noise_png(200_000, seed=12)[:-5000]
+    digest, hexd = compute_digest(cut), digest_hex(compute_digest(cut))
+    info = BlobInfo.of(digest, len(cut), decode.probe(cut))
+
+    def check():
+        assert storage.link_existing("racer", digest) == info  # trusts bytes that exist
+        decode.check_pixels(cut)
+
+    with pytest.raises(decode.CorruptImage):
+        storage.put("uploader", digest, cut, info, check=check)
+    assert _bucket_keys_of(s3_server, storage.url, hexd) == []
+    assert storage.info(digest) is None
+    assert storage.run_blobs("racer", limit=10, cursor=None).blobs == []
+    # the racer's next link attempt finds nothing, and an upload of good bytes is unaffected
+    assert storage.link_existing("racer", digest) is None
+    good = image_bytes(seed=13)
+    assert storage.put("racer", compute_digest(good), good, info_of(good), check=lambda: None).created
+
+
+def test_a_dedup_upload_checks_bytes_a_dead_replica_left_unchecked(s3_server, replicas):
+    """A replica that died during its decode left the bytes unlinked: the next upload of them is
+    decoded as well (its decode overlaps its requests) and withdraws them."""
+    from mmstore.storage.s3 import S3Storage
+    from mmstore_client import decode
+
+    url, a, _ = replicas
+    cut = noise_png(300_000, seed=14)[:-20_000]
+    digest, hexd = compute_digest(cut), digest_hex(compute_digest(cut))
+    config = {"endpoint": s3_server.endpoint, "access_key_id": "testing", "secret_access_key": "testing"}
+    dead = S3Storage(url, config={**config, "region": "us-east-1"})
+    dead.guards.claim(hexd, new=True)
+    assert dead._create_blob(hexd, cut, BlobInfo.of(digest, len(cut), decode.probe(cut)))
+    r = httpx.put(f"{a.url}/v1/runs/again/blobs/{digest}", content=cut, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt_image", r.text
+    assert _bucket_keys_of(s3_server, url, hexd) == []
+    listed = httpx.get(f"{a.url}/v1/runs/again/blobs")
+    assert listed.status_code == 404 or listed.json()["blobs"] == [], listed.text
+    assert httpx.get(f"{a.url}/v1/blobs/{digest}/info").status_code == 404
+
+
 def test_serve_refuses_bad_storage_naming_the_fix(s3_server, tmp_path):
     env = {**s3_server.env, "PATH": str(Path(MMSTORE).parent)}
     r = subprocess.run(

@@ -171,6 +171,16 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
 def verify(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """Probe, then decode the first frame fully, so truncated or corrupt data is refused."""
     header = probe(data, max_pixels=max_pixels)
+    check_pixels(data)
+    return header
+
+
+def check_pixels(data: bytes) -> None:
+    """Decode the first frame fully; :class:`CorruptImage` if its data is truncated or corrupt.
+
+    The second half of :func:`verify`, for callers that probed first (the probe enforces the
+    pixel limit, so never call this on bytes :func:`probe` has not accepted).
+    """
     img = _open(data)
     if img.format == "JPEG":
         # DCT-domain downscaling: every entropy-coded byte is still read (so truncation is
@@ -180,7 +190,6 @@ def verify(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
         img.load()
     except Exception as exc:
         raise CorruptImage(f"image data is truncated or corrupt: {exc}") from exc
-    return header
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync blobs and the index before acknowledging a PUT")
     fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
     info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")
+    decode_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="S3 storage: upload decodes, which overlap the bucket's requests, run this many "
+        "nice levels below the server (Linux), so the request path preempts them",
+    )
 
     @field_validator("storage")
     @classmethod

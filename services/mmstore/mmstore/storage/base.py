@@ -22,6 +22,8 @@ from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, R
 
 RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+Check = Callable[[], object]  # raises if the bytes must not be kept (see Storage.put)
+
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
@@ -44,12 +46,23 @@ class Storage(ABC):
     remote: ClassVar[bool] = False
 
     @abstractmethod
-    def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
-        """Store verified ``data`` under ``digest`` (if absent) and link it to ``run``."""
+    def put(
+        self, run: str, digest: str, data: bytes, info: BlobInfo, *, check: Check | None = None
+    ) -> PutResult:
+        """Store ``data`` under ``digest`` (if absent) and link it to ``run``.
+
+        ``check`` (the full decode) raises if the bytes must not be kept. It is called before the
+        blob is linked anywhere: a local backend calls it before writing; a remote one may store
+        the bytes first, so the check overlaps the upload, and then retracts them if it raises.
+        """
 
     @abstractmethod
-    def link_existing(self, run: str, digest: str) -> BlobInfo | None:
-        """Link an already stored blob to ``run`` without its bytes; None when it is absent."""
+    def link_existing(self, run: str, digest: str, *, check: Check | None = None) -> BlobInfo | None:
+        """Link an already stored blob to ``run`` without its bytes; None when it is absent.
+
+        ``check``, where given, is called once the blob is found; if it raises, the blob is
+        retracted (see :meth:`put`).
+        """
 
     @abstractmethod
     def info(self, digest: str) -> BlobInfo | None: ...

@@ -30,7 +30,7 @@ from pathlib import Path
 from mmstore_client.digest import compute_digest, digest_hex
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
 
-from .base import FsckReport, PutResult, Storage
+from .base import Check, FsckReport, PutResult, Storage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -164,7 +164,11 @@ class LocalStorage(Storage):
             )
 
     # -- Storage ------------------------------------------------------------------------
-    def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
+    def put(
+        self, run: str, digest: str, data: bytes, info: BlobInfo, *, check: Check | None = None
+    ) -> PutResult:
+        if check is not None:
+            check()
         tmp = self._write_temp(data)
         try:
             with self._write() as db:
@@ -187,9 +191,11 @@ class LocalStorage(Storage):
             tmp.unlink(missing_ok=True)
         return PutResult(info, created=created)
 
-    def link_existing(self, run: str, digest: str) -> BlobInfo | None:
+    def link_existing(self, run: str, digest: str, *, check: Check | None = None) -> BlobInfo | None:
         if self.info(digest) is None:  # common case for new uploads: no write lock taken
             return None
+        if check is not None:
+            check()  # nothing to retract: a stored blob passed its check before it was written
         with self._write() as db:
             row = db.execute(f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE digest = ?", (digest,)).fetchone()
             if row is None or not self.blob_path(digest).exists():

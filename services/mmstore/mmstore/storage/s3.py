@@ -14,6 +14,9 @@ number of them serve one bucket with no shared disk and no coordination:
   size; GET /v1/runs is one LIST plus one GET per run. A replica that dies between a link and its
   count leaves the count short by one: ``mmstore fsck`` recounts (also after a run was deleted
   while uploads into that same run were still arriving);
+- an upload's full decode runs while its requests are in flight (the blob's PUT included) and
+  before any link is made; bytes it rejects are withdrawn from the bucket and from every run
+  (:meth:`S3Storage._checked`);
 - GC and uploads agree through each blob's guard (:mod:`.s3_guard`, where the reasoning is), so a
   blob linked by any live run is never deleted, also while another replica is linking it.
 
@@ -43,12 +46,13 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 import obstore
+from mmstore_client import decode
 from mmstore_client.digest import DigestHasher, digest_hex
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
-from .base import FsckReport, PutResult, Storage
+from .base import Check, FsckReport, PutResult, Storage
 from .batching import GroupCommit
 from .s3_guard import CONFLICT, Guards, StorageBusyError, backoff
 from .s3_layout import (
@@ -206,7 +210,9 @@ class S3Storage(Storage):
         self._update_counter(run, add)
 
     # -- Storage ------------------------------------------------------------------------
-    def put(self, run: str, digest: str, data: bytes, info: BlobInfo) -> PutResult:
+    def put(
+        self, run: str, digest: str, data: bytes, info: BlobInfo, *, check: Check | None = None
+    ) -> PutResult:
         hexd = digest_hex(digest)
         created = False
         for attempt in range(_ROUNDS):
@@ -215,12 +221,15 @@ class S3Storage(Storage):
             if stored is None:
                 continue  # deleted between our PUT's 412 and the HEAD: claim again
             created = created or stored is info
+            if check is not None:  # the decode ran while the bytes went up; before any link
+                self._checked(hexd, check)
+                check = None
             self._link(run, stored)
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
                 return PutResult(stored, created=created)
         raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
 
-    def link_existing(self, run: str, digest: str) -> BlobInfo | None:
+    def link_existing(self, run: str, digest: str, *, check: Check | None = None) -> BlobInfo | None:
         hexd = digest_hex(digest)
         if self._head(hexd) is None:  # the common case for new uploads: no claim, no write
             return None
@@ -231,8 +240,45 @@ class S3Storage(Storage):
                 return None
             self._link(run, info)
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
+                if check is not None:
+                    self._checked(hexd, check)
                 return info
         raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
+
+    def _checked(self, hexd: str, check: Check) -> None:
+        """Run an upload's ``check`` on bytes already in the bucket; withdraw them if it rejects them.
+
+        Only while this check runs can the bucket hold unchecked bytes, so another upload of the
+        same bytes (which links them without decoding them again) may link them meanwhile, and a
+        replica that dies here leaves them behind. Hence every dedup of an upload checks too (its
+        decode overlaps its requests), and :meth:`_withdraw` removes the bytes from every run.
+        What stays open: ``blobs:link`` (no bytes) of the digest of bytes whose uploader died
+        within its decode links them until a later upload of them is checked and withdraws them;
+        their readers' decode then fails with ``corrupt_asset``.
+        """
+        try:
+            check()
+        except decode.ImageError:
+            self._withdraw(hexd)
+            raise
+
+    def _withdraw(self, hexd: str) -> None:
+        """Remove a blob from every run and from the bucket, while other writers may be linking it.
+
+        The guard is seized first (``deleting``), so a writer that links the blob from now on fails
+        its verify and waits until the blob is gone (as for a GC); one that verified before has
+        written its ref before, so the listing of ``refs/<hex>/`` below finds it and its link is
+        removed. Run counters keep the removed links counted until ``mmstore fsck`` recounts.
+        """
+        self.guards.seize(hexd)
+        info = self._head(hexd)
+        runs = [m["path"].rsplit("/", 1)[1] for m in self._list(f"{REFS}{hexd}/")]
+        # links first (the run stops listing it), then refs, the blob and its guard
+        if runs and info is not None:
+            obstore.delete(self.store, [link_key(run, info) for run in runs])
+        if runs:
+            obstore.delete(self.store, [ref_key(hexd, run) for run in runs])
+        self.guards.finish_delete(hexd)
 
     def info(self, digest: str) -> BlobInfo | None:
         return self._head(digest_hex(digest))
@@ -380,14 +426,10 @@ class S3Storage(Storage):
         )
 
     def _quarantine(self, hexd: str) -> None:
-        info = self._head(hexd)
-        if info is None:
+        if self._head(hexd) is None:
             return
         obstore.copy(self.store, blob_key(hexd), QUARANTINE + hexd)
-        runs = [m["path"].rsplit("/", 1)[1] for m in self._list(f"{REFS}{hexd}/")]
-        # links first (the run stops listing it), then refs, the blob and its guard
-        obstore.delete(self.store, [link_key(run, info) for run in runs])
-        obstore.delete(self.store, [ref_key(hexd, run) for run in runs] + [blob_key(hexd), guard_key(hexd)])
+        self._withdraw(hexd)
 
     def _recount_all(self) -> list[str]:
         """Set every run's counter to what its links say; the runs whose counter was wrong."""

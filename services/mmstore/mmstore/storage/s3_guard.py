@@ -30,6 +30,12 @@ c. list ``refs/X/``: a ref appeared since the listing: keep X (its writer revive
 d. CAS ``condemned`` -> ``deleting`` (fails if any writer claimed X since b); delete X; delete the
    guard.
 
+Withdrawing X (bytes that failed their upload's decode after they reached the bucket, or fsck's
+quarantine) writes ``deleting`` over whatever the guard holds, lists ``refs/X/`` and removes those
+refs' links and the refs, then X and the guard. A writer that verified before the guard write had
+written its ref before it, so the listing finds it; one that verifies after fails and waits, as for
+a GC's deletion.
+
 Why a blob a writer has verified is never deleted. The writer wrote its ref at t3, read the guard
 at t4 > t3 and knew X existed after its claim. For a GC to delete X it must win the CAS d on the
 ``condemned`` guard it wrote at b.
@@ -57,6 +63,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
@@ -112,14 +119,21 @@ class Guards:
 
         Returns the new ETag, or None when another writer got there first.
         """
-        body = {"state": state, "used_at": used_at, "changed_at": time.time(), "by": uuid.uuid4().hex}
-        mode = "create" if expect is None else {"e_tag": expect}
         try:
-            put = obstore.put(
-                self.store, guard_key(hexd), json.dumps(body).encode(), mode=mode, use_multipart=False
-            )
+            return self._put(hexd, state, used_at, "create" if expect is None else {"e_tag": expect})
         except CONFLICT:
             return None
+
+    def seize(self, hexd: str) -> None:
+        """Write ``deleting`` whatever the guard holds: the blob's bytes are being withdrawn
+        (``S3Storage._withdraw``), and writers treat it as a GC's deletion (they wait)."""
+        self._put(hexd, DELETING, time.time(), "overwrite")
+
+    def _put(self, hexd: str, state: str, used_at: float, mode: Any) -> str:
+        body = {"state": state, "used_at": used_at, "changed_at": time.time(), "by": uuid.uuid4().hex}
+        put = obstore.put(
+            self.store, guard_key(hexd), json.dumps(body).encode(), mode=mode, use_multipart=False
+        )
         return put["e_tag"]
 
     def finish_delete(self, hexd: str) -> None:
