@@ -10,6 +10,9 @@ requests (existence HEAD, guard claim, conditional create, ref, link, run counte
 Two direct PUT paths are measured: one unconditional PUT of the same bytes, and those same
 backend requests made in-process by the backend's own class (``S3Storage.link_existing`` +
 ``put``), with no HTTP hop, digest or decode: what the object store costs mmstore's semantics.
+A second replica on the same bucket runs with ``MMSTORE_REDIRECT_MIN_BYTES`` (1 MB): its GETs of
+the large blobs answer 307 to a presigned URL, which the client (obstore, like mmstore's own
+clients) follows to the bucket.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ TARGET = 0.30  # mmstore's p50 latency at most 30% above the direct path's
 RUN = "bench-s3"
 DIRECT = "direct"
 SAME_REQUESTS = "direct, the backend's requests"
+REDIRECT_MIN = 1_000_000  # the second replica's MMSTORE_REDIRECT_MIN_BYTES
+REDIRECTED = "mmstore, redirect"  # GET answered 307 to a presigned URL, which the client follows
 
 
 @dataclass
@@ -85,8 +90,30 @@ async def _drive(op: Callable[[int], Awaitable[int]], concurrency: int, duration
     return latencies, errors, payload, time.perf_counter() - started
 
 
+async def _interleaved(
+    paths: list[tuple[str, Callable[[int], Awaitable[int]]]],
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    after: Callable[[str, tuple], None] = lambda path, measured: None,
+) -> dict[str, tuple]:
+    """Every path for ``duration / rounds`` s, in turn, ``rounds`` times (a slow spell of the
+    machine then hits every path alike). Per path: the rounds pooled, and each round's p50 (ms).
+    ``after(path, measured)`` follows each round of a path."""
+    pooled: dict[str, tuple] = {path: ([], 0, 0, 0.0, []) for path, _ in paths}
+    for _ in range(rounds):
+        for path, op in paths:
+            measured = await _drive(op, concurrency, duration / rounds)
+            after(path, measured)
+            latencies, errors, payload, secs, p50s = pooled[path]
+            latencies.extend(measured[0])
+            p50s.append(statistics.median(measured[0] or [float("nan")]) * 1e3)
+            pooled[path] = (latencies, errors + measured[1], payload + measured[2], secs + measured[3], p50s)
+    return pooled
+
+
 def _row(op: str, size: str, concurrency: int, path: str, measured: tuple) -> S3Row:
-    latencies, errors, payload, secs = measured
+    latencies, errors, payload, secs, p50s = measured
     ordered = sorted(latencies) or [float("nan")]
     return S3Row(
         op=op,
@@ -99,6 +126,7 @@ def _row(op: str, size: str, concurrency: int, path: str, measured: tuple) -> S3
         mb_s=payload / secs / 1e6,
         p50_ms=statistics.median(ordered) * 1e3,
         p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
+        note="rounds' p50: " + " / ".join(f"{p:.2f}" for p in p50s) if len(p50s) > 1 else "",
     )
 
 
@@ -106,29 +134,38 @@ async def _measure(
     direct: S3Store,
     backend: S3Storage,
     http: HTTPStore,
+    http_redirect: HTTPStore,
     gets: dict[str, list[tuple[str, int]]],
     puts: dict[str, list[tuple[BlobInfo, bytes]]],
     concurrencies: list[int],
     duration: float,
+    rounds: int,
     console,
 ) -> list[S3Row]:
     rows: list[S3Row] = []
     for size, blobs in gets.items():
         for c in concurrencies:
 
-            async def direct_get(i: int, blobs=blobs) -> int:
-                digest, _ = blobs[i % len(blobs)]
-                return len(
-                    await (await obstore.get_async(direct, blob_key(digest_hex(digest)))).bytes_async()
-                )
+            def getter(store, key_of, blobs=blobs) -> Callable[[int], Awaitable[int]]:
+                async def get(i: int) -> int:
+                    digest, size = blobs[i % len(blobs)]
+                    got = len(await (await obstore.get_async(store, key_of(digest))).bytes_async())
+                    if got != size:
+                        raise RuntimeError(f"{digest}: {got} bytes, expected {size}")
+                    return got
 
-            async def mmstore_get(i: int, blobs=blobs) -> int:
-                digest, _ = blobs[i % len(blobs)]
-                return len(await (await obstore.get_async(http, f"v1/blobs/{digest}")).bytes_async())
+                return get
 
-            for path, op in (("direct", direct_get), ("mmstore", mmstore_get)):
+            paths = [
+                (DIRECT, getter(direct, lambda d: blob_key(digest_hex(d)))),
+                ("mmstore", getter(http, lambda d: f"v1/blobs/{d}")),
+            ]
+            if min(n for _, n in blobs) >= REDIRECT_MIN:
+                paths.append((REDIRECTED, getter(http_redirect, lambda d: f"v1/blobs/{d}")))
+            for _, op in paths:
                 await _drive(op, c, min(1.0, duration))  # warm-up: connections, mmstore's info cache
-                rows.append(_row("GET", size, c, path, await _drive(op, c, duration)))
+            for path, measured in (await _interleaved(paths, c, duration, rounds)).items():
+                rows.append(_row("GET", size, c, path, measured))
     for size, images in puts.items():
         # distinct images for each path that creates blobs: mmstore's half and the backend's half
         half = len(images) // 2
@@ -162,19 +199,18 @@ async def _measure(
                 await obstore.put_async(http, f"v1/runs/{RUN}/blobs/{info.digest}", data)
                 return len(data)
 
-            for path, op in (
-                (DIRECT, direct_put),
-                (SAME_REQUESTS, same_requests_put),
-                ("mmstore", mmstore_put),
-            ):
-                row = _row("PUT new", size, c, path, await _drive(op, c, duration))
-                used[path] += row.requests + row.errors
+            def advance(path: str, measured: tuple, used=used) -> None:  # the next round: new images
+                used[path] += len(measured[0]) + measured[1]
+
+            paths = [(DIRECT, direct_put), (SAME_REQUESTS, same_requests_put), ("mmstore", mmstore_put)]
+            for path, measured in (await _interleaved(paths, c, duration, rounds, advance)).items():
+                row = _row("PUT new", size, c, path, measured)
                 if path != DIRECT and used[path] > len(sets[path]):
-                    row.note = "image set exhausted: some uploads were dedup hits"
+                    row.note = "; ".join([row.note, "image set exhausted: some uploads were dedup hits"])
                 rows.append(row)
             pool.shutdown()
     for row in rows:
-        if row.path == "mmstore":
+        if row.path.startswith("mmstore"):
             reference = SAME_REQUESTS if row.op.startswith("PUT") else DIRECT
             ref = _find(rows, row, reference)
             row.overhead = row.p50_ms / ref.p50_ms - 1
@@ -202,21 +238,35 @@ def run(
     procs: Processes,
     tmp: Path,
     get_files: dict[str, list[tuple[str, Path]]],
-    put_files: dict[str, list[Path]],
+    put_sizes: list[str],
+    make_image: Callable[[str, int], bytes],
     *,
     concurrencies: list[int],
     duration: float,
+    rounds: int,
     put_limit: int,
     console,
 ) -> tuple[list[S3Row], dict]:
-    """Start moto and mmstore on it, upload the GET sets through mmstore, measure both paths."""
+    """Start moto and mmstore on it, upload the GET sets through mmstore, measure both paths.
+
+    ``make_image(size, i)``: the i-th distinct image of a PUT size; ``put_limit`` of them per size
+    and creating path (mmstore, the backend's requests) are made before the clock starts.
+    """
     s3 = S3Server(tmp / "moto.log").start()
     try:
         url = s3.bucket("store")
         bucket = url.removeprefix("s3://").split("/", 1)[0]
         log = tmp / "mmstore-s3.log"
         proc, base = start_store(procs, tmp / "root-s3", log, env=open_env(**s3.env, MMSTORE_STORAGE=url))
+        log_redirect = tmp / "mmstore-s3-redirect.log"
+        proc_redirect, base_redirect = start_store(
+            procs,
+            tmp / "root-s3-redirect",
+            log_redirect,
+            env=open_env(**s3.env, MMSTORE_STORAGE=url, MMSTORE_REDIRECT_MIN_BYTES=str(REDIRECT_MIN)),
+        )
         wait_http(f"{base}/healthz", proc, log)
+        wait_http(f"{base_redirect}/healthz", proc_redirect, log_redirect)
         gets: dict[str, list[tuple[str, int]]] = {}
         with httpx.Client(base_url=base, timeout=120) as client:
             for size, files in get_files.items():
@@ -228,12 +278,11 @@ def run(
                         raise RuntimeError(f"upload to mmstore on S3 failed: {r.status_code} {r.text[:300]}")
                     gets[size].append((digest, len(data)))
         puts = {}
-        for size, files in put_files.items():
+        for size in put_sizes:  # distinct images for both creating paths, made here (in memory)
             puts[size] = []
-            for f in files[: 2 * put_limit]:
-                data = f.read_bytes()
-                info = BlobInfo.of(compute_digest(data), len(data), decode.probe(data))
-                puts[size].append((info, data))
+            for i in range(2 * put_limit):
+                data = make_image(size, i)
+                puts[size].append((BlobInfo.of(compute_digest(data), len(data), decode.probe(data)), data))
         direct = S3Store(
             bucket,
             prefix="store",
@@ -246,12 +295,18 @@ def run(
             client_options={"allow_http": True},
         )
         http = HTTPStore.from_url(base, client_options={"allow_http": True})
+        http_redirect = HTTPStore.from_url(base_redirect, client_options={"allow_http": True})
         backend = S3Storage(
             url, config={"endpoint": s3.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
                          "region": "us-east-1"}
         )  # fmt: skip
-        rows = asyncio.run(_measure(direct, backend, http, gets, puts, concurrencies, duration, console))
+        rows = asyncio.run(
+            _measure(
+                direct, backend, http, http_redirect, gets, puts, concurrencies, duration, rounds, console
+            )
+        )
         procs.stop(proc)
+        procs.stop(proc_redirect)
         return rows, {"endpoint": s3.endpoint, "storage": url}
     finally:
         s3.stop()

@@ -444,16 +444,27 @@ def markdown(results: list[Result], info: dict, settings: dict, s3_rows: list) -
             "",
             "- Both paths use one client library, obstore (the backend's own): `S3Store` on the "
             "bucket for direct, `HTTPStore` on mmstore's URL for mmstore; `clients` concurrent "
-            f"loops (asyncio) for {settings['s3_duration']} s per case, after 1 s of warm-up for GET.",
+            f"loops (asyncio) for {settings['s3_duration']} s per path and case, in "
+            f"{settings['get_rounds']} interleaved rounds (each path in turn, so a slow spell hits all "
+            "alike; p50 and p99 over the pooled rounds, each round's p50 in the note), after 1 s of "
+            "warm-up for GET.",
             "- GET: the objects mmstore stored for the GET sets (64 per size, uploaded through "
-            "mmstore first), read at the same key on both paths (mmstore: its cached info + one "
-            "streamed ranged GET). PUT new: distinct images (the PUT sets); mmstore checks the "
-            "digest, decodes the image fully and writes blob (conditional create), ref, link and "
-            "run counter (6 S3 requests on a first upload, race-free across replicas), direct is "
-            "one unconditional PUT of the same bytes.",
+            "mmstore first), read at the same key on both paths. `mmstore`: the default, its cached "
+            "info + one streamed ranged GET from the bucket. `mmstore, redirect`: a second replica "
+            f"on the bucket with `MMSTORE_REDIRECT_MIN_BYTES={s3_compare.REDIRECT_MIN}`, which "
+            "answers GETs of the 2 MB blobs 307 to a presigned URL that the client follows (as "
+            "mmstore's clients do): the bytes skip the replica.",
+            "- PUT new: distinct images (the PUT sets). mmstore checks the digest, probes the "
+            "header, and makes the backend's requests (existence HEAD, guard claim, conditional "
+            "create, ref, link, run counter, guard check: race-free across replicas) while the full "
+            "decode runs beside them. The reference for the target is `direct, the backend's "
+            "requests`: the same requests made in-process by the backend's class, with no HTTP hop, "
+            "digest or decode; `direct` is one unconditional PUT of the bytes (the note gives "
+            "mmstore against it).",
             "- moto runs every request under one lock (S3's per-request atomicity, which the "
-            "backend's conditional writes rely on; as in the tests), so at 16 clients both paths "
-            "queue on it: p50 there is mostly moto's queue.",
+            "backend's conditional writes rely on; as in the tests) and shares the 2 cores with "
+            "mmstore and the clients, so at 16 clients both paths queue on it: p50 there is mostly "
+            "moto's queue, and mmstore's CPU (decoding, a second copy of each byte) competes with it.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -476,7 +487,9 @@ def main(
     keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directories")] = False,
     get_rounds: Annotated[int, typer.Option(help="GET rounds over all servers (rows: the median)")] = 3,
     s3: Annotated[bool, typer.Option(help="also measure mmstore on S3 (moto) vs S3 directly")] = True,
-    s3_put_images: Annotated[int, typer.Option(help="images per size and path, S3 PUT")] = 1000,
+    s3_put_images: Annotated[
+        int, typer.Option(help="distinct images per size and creating path, S3 PUT (2 MB ones: in memory)")
+    ] = 600,
 ) -> None:
     """Measure mmstore vs nginx (GET) and mmstore's verified PUT; print and record the table."""
     interrupt_on(signal.SIGTERM, signal.SIGHUP)  # unwind through the finally blocks
@@ -665,9 +678,11 @@ def main(
                 procs,
                 tmp,
                 {size: list(zip(s.digests, s.files, strict=True)) for size, s in get_sets.items()},
-                {size: s.files for size, s in put_sets.items()},
+                list(put_sets),
+                lambda size, i: noise_png(*SIZES[size], 30_000_000 + i),
                 concurrencies=[1, connections],
                 duration=duration,
+                rounds=get_rounds,
                 put_limit=s3_put_images,
                 console=console,
             )

@@ -213,6 +213,60 @@ def test_fsck_rehashes_quarantines_and_recounts(s3_server, storage):
     assert r.returncode == 0 and json.loads(r.stderr)["deleted"] == 0
 
 
+def test_large_gets_redirect_to_the_bucket_when_configured(s3_server, tmp_path):
+    """MMSTORE_REDIRECT_MIN_BYTES: a large blob's GET is a 307 to a presigned URL (auth, 304 and
+    HEAD answered by the replica), small blobs still stream; the clients follow and verify."""
+    import asyncio
+
+    from mmstore_client import AsyncStoreClient
+    from mmstore_client.errors import ApiError
+
+    url = s3_server.bucket()
+    tokens = json.dumps({"reader": ["read"], "writer": ["write"]})
+    server = s3_store_process(s3_server, url, tmp_path, tokens=tokens, redirect_min_bytes="1000000").start()
+    try:
+        big, small = noise_png(2_500_000, seed=20), image_bytes(seed=21)
+        with StoreClient(server.url, token="writer") as writer:
+            big_d, small_d = writer.put(big, "r").digest, writer.put(small, "r").digest
+        auth = {"authorization": "Bearer reader"}
+        r = httpx.get(f"{server.url}/v1/blobs/{big_d}", headers=auth)
+        assert r.status_code == 307 and r.content == b"" and r.headers["cache-control"] == "no-store"
+        location = r.headers["location"]
+        assert location.startswith(s3_server.endpoint) and f"blobs/{digest_hex(big_d)}" in location
+        assert "X-Amz-Signature=" in location
+        assert httpx.get(location).content == big  # no credentials needed
+        ranged = httpx.get(location, headers={"range": "bytes=100-199"})
+        assert ranged.status_code == 206 and ranged.content == big[100:200]
+        assert httpx.get(f"{server.url}/v1/blobs/{big_d}").status_code == 401  # no token: no URL
+        cached = httpx.get(f"{server.url}/v1/blobs/{big_d}", headers={**auth, "if-none-match": f'"{big_d}"'})
+        assert cached.status_code == 304
+        head = httpx.head(f"{server.url}/v1/blobs/{big_d}", headers=auth)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(big))
+        streamed = httpx.get(f"{server.url}/v1/blobs/{small_d}", headers=auth)
+        assert streamed.status_code == 200 and streamed.content == small
+        with StoreClient(server.url, token="reader") as reader:
+            assert reader.get(big_d) == big and reader.get(small_d) == small
+
+        async def read_async() -> bytes:
+            async with AsyncStoreClient(server.url, token="reader") as client:
+                return await client.get(big_d)
+
+        assert asyncio.run(read_async()) == big
+        # a blob GC'd after the replica cached its info: the bucket's 404 reaches the client as such
+        import obstore
+        from mmstore.storage.s3 import S3Storage
+
+        config = {"endpoint": s3_server.endpoint, "access_key_id": "testing", "secret_access_key": "testing"}
+        obstore.delete(
+            S3Storage(url, config={**config, "region": "us-east-1"}).store, f"blobs/{digest_hex(big_d)}"
+        )
+        with StoreClient(server.url, token="reader") as reader, pytest.raises(ApiError) as gone:
+            reader.get(big_d)
+        assert gone.value.status == 404
+    finally:
+        server.stop()
+
+
 def _bucket_keys_of(s3_server, url: str, hexd: str) -> list[str]:
     return [k for k in keys(s3_server, url, "") if hexd in k]
 

@@ -6,7 +6,8 @@ methods are twins kept in step (a test checks they expose the same methods).
 * Retries with exponential backoff on connection errors, timeouts and 5xx; never on 4xx
   (every store call is idempotent: blobs are content-addressed, links are sets).
 * ``get`` verifies blake3 of what arrives: a mismatch raises :class:`IntegrityError`, the bytes
-  are never returned or cached.
+  are never returned or cached. It follows a store's redirect to its bucket (a presigned URL, see
+  ``MMSTORE_REDIRECT_MIN_BYTES``); the bearer token is not sent there (httpx drops it off-origin).
 * A bounded byte cache (:class:`ByteCache`) keyed by digest; concurrent gets of one digest
   (threads for the sync client, tasks for the async one) share one fetch.
 * ``put`` hashes locally and first asks the store to link the digest to the run; only when the
@@ -147,7 +148,7 @@ class StoreClient(_StoreBase):
                 event.wait()
                 continue  # the leader's result is in the cache now (or it failed: try ourselves)
             try:
-                r = self._request("GET", f"/v1/blobs/{digest}")
+                r = self._request("GET", f"/v1/blobs/{digest}", follow_redirects=True)
                 return self._verified(digest, r.content)
             finally:
                 with self._lock:
@@ -257,7 +258,7 @@ class AsyncStoreClient(_StoreBase):
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
-            r = await self._request("GET", f"/v1/blobs/{digest}")
+            r = await self._request("GET", f"/v1/blobs/{digest}", follow_redirects=True)
             data = self._verified(digest, r.content)
             future.set_result(data)
             return data

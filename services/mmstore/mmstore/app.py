@@ -20,7 +20,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     storage = open_storage(settings)
     metrics = StoreMetrics()
     authorizer = Authorizer(settings.token_scopes())
-    reader = BlobReader(storage, settings.info_cache_entries)
+    reader = BlobReader(
+        storage,
+        settings.info_cache_entries,
+        redirect_min_bytes=settings.redirect_min_bytes if storage.remote else None,
+        redirect_ttl_seconds=settings.redirect_ttl_seconds,
+    )
 
     app = FastAPI(
         title="mmstore",

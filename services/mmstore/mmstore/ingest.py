@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from mmstore_client import decode
-from mmstore_client.digest import compute_digest
+from mmstore_client.digest import DigestHasher
 from mmstore_client.models import BlobInfo
 
 from .errors import DigestMismatchError, PayloadTooLargeError, from_image_error
@@ -38,8 +38,11 @@ def _decode_pool(nice: int) -> ThreadPoolExecutor:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` (never fully buffered)."""
+async def read_body(request: Request, limit: int, hasher: DigestHasher | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (never fully buffered).
+
+    ``hasher`` (uploads) is fed each chunk as it arrives, so the digest is ready with the body.
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}", limit=limit)
@@ -50,6 +53,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLargeError(f"body is over the limit of {limit} bytes", limit=limit)
         chunks.append(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
     return b"".join(chunks)  # one copy, no regrowing buffer
 
 
@@ -59,9 +64,15 @@ def ingest(
     metrics: StoreMetrics,
     run: str,
     data: bytes,
+    digest: str,
     expected: str | None,
+    absent: bool = False,
 ) -> PutResult:
-    """Verify and store ``data`` for ``run`` (runs in a worker thread: hashing and decoding).
+    """Verify and store ``data`` (whose digest is ``digest``) for ``run``, in a worker thread.
+
+    ``absent``: the store had no blob under ``expected`` a moment ago (checked while the body
+    arrived), so the dedup path's existence check is skipped (``put`` still handles a blob that
+    appeared since).
 
     The header is probed first (format, size, pixel limit: microseconds), so most bad uploads are
     refused before any write; the full decode is the storage's ``check``. Locally it runs before
@@ -70,7 +81,6 @@ def ingest(
     requests are in flight, upload of the bytes included, and bytes it rejects are withdrawn
     before any run links them; re-uploads are checked too (see ``S3Storage._checked``).
     """
-    digest = compute_digest(data)
     if expected is not None and digest != expected:
         raise DigestMismatchError(
             "the body's digest differs from the digest in the URL", expected=expected, actual=digest
@@ -81,7 +91,9 @@ def ingest(
         check = functools.partial(decode.check_pixels, data)
         if storage.remote:
             check = _decode_pool(settings.decode_nice).submit(check).result
-        existing = storage.link_existing(run, digest, check=check if storage.remote else None)
+        existing = (
+            None if absent else storage.link_existing(run, digest, check=check if storage.remote else None)
+        )
         if existing is not None:
             metrics.blobs_deduplicated.inc()
             return PutResult(existing, created=False)

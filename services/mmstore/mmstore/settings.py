@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync blobs and the index before acknowledging a PUT")
     fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
     info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")
+    redirect_min_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="S3 storage: GET of a blob of at least this many bytes answers 307 with a presigned "
+        "URL of the bucket, so its bytes go from the bucket to the client directly (the client must reach "
+        "the bucket's endpoint). Unset: every blob streams through the replica",
+    )
+    redirect_ttl_seconds: int = Field(300, ge=1, le=7 * 86400, description="validity of those presigned URLs")
     decode_nice: int = Field(
         10,
         ge=0,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from mmstore_client.digest import is_digest
+from mmstore_client.digest import DigestHasher, is_digest
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
 
 from ..deps import READ, WRITE, RunDep, StorageDep
@@ -33,9 +34,19 @@ def _check_digest(digest: str) -> str:
 
 async def _upload(request: Request, run: str, expected: str | None, response: Response) -> BlobInfo:
     state = request.app.state
-    data = await read_body(request, state.settings.max_upload_bytes)
+    # on a bucket, the existence check of the digest the URL names runs while the body arrives
+    stored = None
+    if expected is not None and state.storage.remote:
+        stored = asyncio.ensure_future(state.storage.info_async(expected))
+    hasher = DigestHasher()
+    try:
+        data = await read_body(request, state.settings.max_upload_bytes, hasher)
+        absent = stored is not None and await stored is None
+    finally:
+        if stored is not None and not stored.done():
+            stored.cancel()
     result = await run_in_threadpool(
-        ingest, state.storage, state.settings, state.metrics, run, data, expected
+        ingest, state.storage, state.settings, state.metrics, run, data, hasher.digest(), expected, absent
     )
     response.status_code = 201 if result.created else 200
     return result.info

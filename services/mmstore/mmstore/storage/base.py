@@ -67,6 +67,10 @@ class Storage(ABC):
     @abstractmethod
     def info(self, digest: str) -> BlobInfo | None: ...
 
+    async def info_async(self, digest: str) -> BlobInfo | None:
+        """:meth:`info` on the event loop with no thread, for ``remote`` backends."""
+        raise NotImplementedError(f"{type(self).__name__} is looked up with info()")
+
     @abstractmethod
     def read(self, digest: str, start: int, length: int) -> bytes:
         """``length`` bytes of the blob from ``start``; FileNotFoundError when it is gone."""
@@ -78,6 +82,13 @@ class Storage(ABC):
         FileNotFoundError here, before the HTTP response is begun.
         """
         raise NotImplementedError(f"{type(self).__name__} is read with read()")
+
+    def presign(self, digest: str, ttl_seconds: int) -> str:
+        """A URL the client can GET the blob's bytes from, without credentials, for ``ttl_seconds``.
+
+        Remote backends that can sign (S3); computed locally, no request.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot presign URLs")
 
     @abstractmethod
     def missing(self, digests: list[str]) -> list[str]: ...
