@@ -15,7 +15,7 @@ Scope = Literal["read", "write", "admin"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MMSTORE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MMSTORE_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = 8700
