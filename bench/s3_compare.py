@@ -10,9 +10,10 @@ requests (existence HEAD, guard claim, conditional create, ref, link, run counte
 Two direct PUT paths are measured: one unconditional PUT of the same bytes, and those same
 backend requests made in-process by the backend's own class (``S3Storage.link_existing`` +
 ``put``), with no HTTP hop, digest or decode: what the object store costs mmstore's semantics.
-A second replica on the same bucket runs with ``MMSTORE_REDIRECT_MIN_BYTES`` (1 MB): its GETs of
-the large blobs answer 307 to a presigned URL, which the client (obstore, like mmstore's own
-clients) follows to the bucket.
+mmstore runs with its defaults, so its GETs of blobs of 1 MB or more answer 307 to a presigned
+URL, which the client (obstore, like mmstore's own clients) follows to the bucket; a second
+replica on the same bucket, with ``MMSTORE_REDIRECT_MIN_BYTES=off``, streams those blobs too
+(``mmstore, streamed``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from obstore.store import HTTPStore, S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' moto server runner, shared
+from mmstore.settings import REDIRECT_MIN_BYTES  # noqa: E402
 from mmstore.storage.s3 import S3Storage  # noqa: E402
 from mmstore.storage.s3_layout import blob_key  # noqa: E402
 from mmstore_client import decode  # noqa: E402
@@ -45,8 +47,7 @@ TARGET = 0.30  # mmstore's p50 latency at most 30% above the direct path's
 RUN = "bench-s3"
 DIRECT = "direct"
 SAME_REQUESTS = "direct, the backend's requests"
-REDIRECT_MIN = 1_000_000  # the second replica's MMSTORE_REDIRECT_MIN_BYTES
-REDIRECTED = "mmstore, redirect"  # GET answered 307 to a presigned URL, which the client follows
+STREAMED = "mmstore, streamed"  # a replica with MMSTORE_REDIRECT_MIN_BYTES=off
 
 
 @dataclass
@@ -134,7 +135,7 @@ async def _measure(
     direct: S3Store,
     backend: S3Storage,
     http: HTTPStore,
-    http_redirect: HTTPStore,
+    http_streamed: HTTPStore,
     gets: dict[str, list[tuple[str, int]]],
     puts: dict[str, list[tuple[BlobInfo, bytes]]],
     concurrencies: list[int],
@@ -160,8 +161,8 @@ async def _measure(
                 (DIRECT, getter(direct, lambda d: blob_key(digest_hex(d)))),
                 ("mmstore", getter(http, lambda d: f"v1/blobs/{d}")),
             ]
-            if min(n for _, n in blobs) >= REDIRECT_MIN:
-                paths.append((REDIRECTED, getter(http_redirect, lambda d: f"v1/blobs/{d}")))
+            if min(n for _, n in blobs) >= REDIRECT_MIN_BYTES:  # "mmstore" redirects these
+                paths.append((STREAMED, getter(http_streamed, lambda d: f"v1/blobs/{d}")))
             for _, op in paths:
                 await _drive(op, c, min(1.0, duration))  # warm-up: connections, mmstore's info cache
             for path, measured in (await _interleaved(paths, c, duration, rounds)).items():
@@ -258,15 +259,15 @@ def run(
         bucket = url.removeprefix("s3://").split("/", 1)[0]
         log = tmp / "mmstore-s3.log"
         proc, base = start_store(procs, tmp / "root-s3", log, env=open_env(**s3.env, MMSTORE_STORAGE=url))
-        log_redirect = tmp / "mmstore-s3-redirect.log"
-        proc_redirect, base_redirect = start_store(
+        log_streamed = tmp / "mmstore-s3-streamed.log"
+        proc_streamed, base_streamed = start_store(
             procs,
-            tmp / "root-s3-redirect",
-            log_redirect,
-            env=open_env(**s3.env, MMSTORE_STORAGE=url, MMSTORE_REDIRECT_MIN_BYTES=str(REDIRECT_MIN)),
+            tmp / "root-s3-streamed",
+            log_streamed,
+            env=open_env(**s3.env, MMSTORE_STORAGE=url, MMSTORE_REDIRECT_MIN_BYTES="off"),
         )
         wait_http(f"{base}/healthz", proc, log)
-        wait_http(f"{base_redirect}/healthz", proc_redirect, log_redirect)
+        wait_http(f"{base_streamed}/healthz", proc_streamed, log_streamed)
         gets: dict[str, list[tuple[str, int]]] = {}
         with httpx.Client(base_url=base, timeout=120) as client:
             for size, files in get_files.items():
@@ -295,18 +296,18 @@ def run(
             client_options={"allow_http": True},
         )
         http = HTTPStore.from_url(base, client_options={"allow_http": True})
-        http_redirect = HTTPStore.from_url(base_redirect, client_options={"allow_http": True})
+        http_streamed = HTTPStore.from_url(base_streamed, client_options={"allow_http": True})
         backend = S3Storage(
             url, config={"endpoint": s3.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
                          "region": "us-east-1"}
         )  # fmt: skip
         rows = asyncio.run(
             _measure(
-                direct, backend, http, http_redirect, gets, puts, concurrencies, duration, rounds, console
+                direct, backend, http, http_streamed, gets, puts, concurrencies, duration, rounds, console
             )
         )
         procs.stop(proc)
-        procs.stop(proc_redirect)
+        procs.stop(proc_streamed)
         return rows, {"endpoint": s3.endpoint, "storage": url}
     finally:
         s3.stop()

@@ -449,11 +449,11 @@ def markdown(results: list[Result], info: dict, settings: dict, s3_rows: list) -
             "alike; p50 and p99 over the pooled rounds, each round's p50 in the note), after 1 s of "
             "warm-up for GET.",
             "- GET: the objects mmstore stored for the GET sets (64 per size, uploaded through "
-            "mmstore first), read at the same key on both paths. `mmstore`: the default, its cached "
-            "info + one streamed ranged GET from the bucket. `mmstore, redirect`: a second replica "
-            f"on the bucket with `MMSTORE_REDIRECT_MIN_BYTES={s3_compare.REDIRECT_MIN}`, which "
-            "answers GETs of the 2 MB blobs 307 to a presigned URL that the client follows (as "
-            "mmstore's clients do): the bytes skip the replica.",
+            "mmstore first), read at the same key on both paths. `mmstore`: its defaults, which "
+            "stream a blob under 1 MB (its cached info + one ranged GET from the bucket) and answer "
+            "a GET of a larger one 307 to a presigned URL that the client follows (as mmstore's "
+            "clients do): the bytes skip the replica. `mmstore, streamed`: a second replica on the "
+            "bucket with `MMSTORE_REDIRECT_MIN_BYTES=off`, streaming the 2 MB blobs through itself.",
             "- PUT new: distinct images (the PUT sets). mmstore checks the digest, probes the "
             "header, and makes the backend's requests (existence HEAD, guard claim, conditional "
             "create, ref, link, run counter, guard check: race-free across replicas) while the full "

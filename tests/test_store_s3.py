@@ -38,10 +38,11 @@ def keys(s3_server, url: str, under: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def replicas(s3_server, tmp_path_factory):
-    """Two mmstore processes on one bucket (the second serves blobs through the documented route)."""
+    """Two mmstore processes on one bucket (the second serves blobs through the documented route),
+    streaming every blob (redirects off: see the redirect test)."""
     url, log_dir = s3_server.bucket(), tmp_path_factory.mktemp("replicas")
-    a = s3_store_process(s3_server, url, log_dir).start()
-    b = s3_store_process(s3_server, url, log_dir, fast_blob_path="false").start()
+    a = s3_store_process(s3_server, url, log_dir, redirect_min_bytes="off").start()
+    b = s3_store_process(s3_server, url, log_dir, fast_blob_path="false", redirect_min_bytes="off").start()
     yield url, a, b
     a.stop()
     b.stop()
@@ -213,9 +214,10 @@ def test_fsck_rehashes_quarantines_and_recounts(s3_server, storage):
     assert r.returncode == 0 and json.loads(r.stderr)["deleted"] == 0
 
 
-def test_large_gets_redirect_to_the_bucket_when_configured(s3_server, tmp_path):
-    """MMSTORE_REDIRECT_MIN_BYTES: a large blob's GET is a 307 to a presigned URL (auth, 304 and
-    HEAD answered by the replica), small blobs still stream; the clients follow and verify."""
+def test_large_gets_redirect_to_the_bucket_by_default(s3_server, tmp_path):
+    """MMSTORE_REDIRECT_MIN_BYTES (default 1 MB): a large blob's GET is a 307 to a presigned URL
+    (auth, 304 and HEAD answered by the replica), small blobs still stream; the clients follow
+    and verify."""
     import asyncio
 
     from mmstore_client import AsyncStoreClient
@@ -223,7 +225,7 @@ def test_large_gets_redirect_to_the_bucket_when_configured(s3_server, tmp_path):
 
     url = s3_server.bucket()
     tokens = json.dumps({"reader": ["read"], "writer": ["write"]})
-    server = s3_store_process(s3_server, url, tmp_path, tokens=tokens, redirect_min_bytes="1000000").start()
+    server = s3_store_process(s3_server, url, tmp_path, tokens=tokens).start()
     try:
         big, small = noise_png(2_500_000, seed=20), image_bytes(seed=21)
         with StoreClient(server.url, token="writer") as writer:

@@ -14,6 +14,11 @@ from .storage.s3_layout import parse_url
 Scope = Literal["read", "write", "admin"]
 
 
+# Blobs this large are redirected to the bucket by default: above it, the replica's second hop
+# costs more than the redirect's round trip (bench/RESULTS.md, "On S3"); OCI registries do the same.
+REDIRECT_MIN_BYTES = 1_000_000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMSTORE_", extra="ignore", env_ignore_empty=True)
 
@@ -41,11 +46,11 @@ class Settings(BaseSettings):
     fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
     info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")
     redirect_min_bytes: int | None = Field(
-        None,
+        REDIRECT_MIN_BYTES,
         ge=0,
         description="S3 storage: GET of a blob of at least this many bytes answers 307 with a presigned "
-        "URL of the bucket, so its bytes go from the bucket to the client directly (the client must reach "
-        "the bucket's endpoint). Unset: every blob streams through the replica",
+        "URL of the bucket, so its bytes go from the bucket to the client directly (readers must reach "
+        "the bucket's endpoint). 'off': every blob streams through the replica",
     )
     redirect_ttl_seconds: int = Field(300, ge=1, le=7 * 86400, description="validity of those presigned URLs")
     decode_nice: int = Field(
@@ -63,6 +68,11 @@ class Settings(BaseSettings):
             return None
         parse_url(value)  # ValueError naming the expected form
         return value
+
+    @field_validator("redirect_min_bytes", mode="before")
+    @classmethod
+    def _parse_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
 
     @field_validator("tokens", mode="before")
     @classmethod
