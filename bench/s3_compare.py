@@ -207,7 +207,9 @@ async def _measure(
             for path, measured in (await _interleaved(paths, c, duration, rounds, advance)).items():
                 row = _row("PUT new", size, c, path, measured)
                 if path != DIRECT and used[path] > len(sets[path]):
-                    row.note = "; ".join([row.note, "image set exhausted: some uploads were dedup hits"])
+                    row.note = "; ".join(
+                        filter(None, [row.note, "image set exhausted: some uploads were dedup hits"])
+                    )
                 rows.append(row)
             pool.shutdown()
     for row in rows:

@@ -485,11 +485,13 @@ def main(
     output: OutputOption = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
     keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directories")] = False,
-    get_rounds: Annotated[int, typer.Option(help="GET rounds over all servers (rows: the median)")] = 3,
+    get_rounds: Annotated[
+        int, typer.Option(help="rounds over all servers (GET rows: the median) and S3 paths (pooled)")
+    ] = 3,
     s3: Annotated[bool, typer.Option(help="also measure mmstore on S3 (moto) vs S3 directly")] = True,
     s3_put_images: Annotated[
         int, typer.Option(help="distinct images per size and creating path, S3 PUT (2 MB ones: in memory)")
-    ] = 600,
+    ] = 800,
 ) -> None:
     """Measure mmstore vs nginx (GET) and mmstore's verified PUT; print and record the table."""
     interrupt_on(signal.SIGTERM, signal.SIGHUP)  # unwind through the finally blocks

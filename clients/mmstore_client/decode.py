@@ -188,6 +188,8 @@ def check_pixels(data: bytes) -> None:
         img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
     try:
         img.load()
+    except MemoryError:
+        raise  # the machine's trouble, not the image's: never reported as corrupt bytes
     except Exception as exc:
         raise CorruptImage(f"image data is truncated or corrupt: {exc}") from exc
 

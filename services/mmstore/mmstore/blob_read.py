@@ -100,8 +100,15 @@ class BlobReader:
         return info
 
     async def read(
-        self, digest: str, *, head: bool, range_header: str | None, if_none_match: str | None
+        self,
+        digest: str,
+        *,
+        head: bool,
+        range_header: str | None,
+        if_none_match: str | None,
+        redirect: bool = True,
     ) -> BlobReply:
+        """The reply to a GET/HEAD; ``redirect`` False: never a 307 (the bytes come through us)."""
         if not is_digest(digest):
             raise InvalidDigestError(f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>")
         info = await self._remote_info(digest) if self.storage.remote else self._info(digest)
@@ -120,9 +127,9 @@ class BlobReader:
             headers["content-range"] = f"bytes {start}-{end}/{info.size}"
         if head:
             return BlobReply(status, headers, b"")
-        if self._redirect_min is not None and info.size >= self._redirect_min:
+        if redirect and self._redirect_min is not None and info.size >= self._redirect_min:
             # the client's Range (if any) goes along to the bucket; the URL expires, so no caching
-            location = self.storage.presign(digest, self._redirect_ttl)
+            location = await self.storage.presign(digest, self._redirect_ttl)
             return BlobReply(
                 307, {"location": location, "cache-control": "no-store", "content-length": "0"}, b""
             )

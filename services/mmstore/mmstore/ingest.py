@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -31,7 +32,8 @@ def _decode_pool(nice: int) -> ThreadPoolExecutor:
     def lower_priority() -> None:
         if nice and sys.platform == "linux":
             tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            with contextlib.suppress(OSError):  # a sandbox that forbids it: the server's priority
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
     return ThreadPoolExecutor(
         os.cpu_count() or 2, thread_name_prefix="mmstore-verify", initializer=lower_priority
@@ -76,10 +78,10 @@ def ingest(
 
     The header is probed first (format, size, pixel limit: microseconds), so most bad uploads are
     refused before any write; the full decode is the storage's ``check``. Locally it runs before
-    the blob is written, so a stored blob has passed it and a re-upload only needs its digest
-    checked. On a remote backend (a bucket) it runs in another thread while the backend's
-    requests are in flight, upload of the bytes included, and bytes it rejects are withdrawn
-    before any run links them; re-uploads are checked too (see ``S3Storage._checked``).
+    the blob is written, so a stored blob has passed it and a re-upload is not decoded again. On
+    a remote backend (a bucket) it runs in another thread while the backend's requests are in
+    flight, upload of the bytes included, and answers before the blob is linked; re-uploads are
+    checked too (see ``S3Storage._checked`` for what is withdrawn when).
     """
     if expected is not None and digest != expected:
         raise DigestMismatchError(

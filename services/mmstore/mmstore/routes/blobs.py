@@ -38,13 +38,20 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
     stored = None
     if expected is not None and state.storage.remote:
         stored = asyncio.ensure_future(state.storage.info_async(expected))
+        stored.add_done_callback(lambda task: task.cancelled() or task.exception())  # always retrieved
     hasher = DigestHasher()
     try:
         data = await read_body(request, state.settings.max_upload_bytes, hasher)
-        absent = stored is not None and await stored is None
-    finally:
-        if stored is not None and not stored.done():
+    except BaseException:
+        if stored is not None:
             stored.cancel()
+        raise
+    absent = False
+    if stored is not None:
+        try:
+            absent = await stored is None
+        except Exception:  # only a hint: ingest's own existence check answers (or fails) as usual
+            absent = False
     result = await run_in_threadpool(
         ingest, state.storage, state.settings, state.metrics, run, data, hasher.digest(), expected, absent
     )

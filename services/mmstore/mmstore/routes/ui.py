@@ -345,6 +345,7 @@ async def original(request: Request, digest: str) -> Response:
         head=False,
         range_header=request.headers.get("range"),
         if_none_match=request.headers.get("if-none-match"),
+        redirect=False,  # the headers below must come with the bytes
     )
     # never rendered as a document of this origin, whatever the bytes are
     headers = {**reply.headers, "x-content-type-options": "nosniff", "content-security-policy": "sandbox"}

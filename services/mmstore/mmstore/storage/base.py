@@ -60,8 +60,8 @@ class Storage(ABC):
     def link_existing(self, run: str, digest: str, *, check: Check | None = None) -> BlobInfo | None:
         """Link an already stored blob to ``run`` without its bytes; None when it is absent.
 
-        ``check``, where given, is called once the blob is found; if it raises, the blob is
-        retracted (see :meth:`put`).
+        ``check``, where given, is called once the blob is found, before it is linked (see
+        :meth:`put`; a remote backend withdraws bytes it rejects only when no run links them).
         """
 
     @abstractmethod
@@ -83,10 +83,10 @@ class Storage(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} is read with read()")
 
-    def presign(self, digest: str, ttl_seconds: int) -> str:
+    async def presign(self, digest: str, ttl_seconds: int) -> str:
         """A URL the client can GET the blob's bytes from, without credentials, for ``ttl_seconds``.
 
-        Remote backends that can sign (S3); computed locally, no request.
+        Remote backends that can sign (S3).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot presign URLs")
 

@@ -15,17 +15,18 @@ number of them serve one bucket with no shared disk and no coordination:
   count leaves the count short by one: ``mmstore fsck`` recounts (also after a run was deleted
   while uploads into that same run were still arriving);
 - an upload's full decode runs while its requests are in flight (the blob's PUT included) and
-  before any link is made; bytes it rejects are withdrawn from the bucket and from every run
-  (:meth:`S3Storage._checked`);
+  answers before the blob is linked; bytes it rejects are withdrawn from the bucket and from every
+  run, unless a run linked them after an earlier check (:meth:`S3Storage._checked`);
 - GC and uploads agree through each blob's guard (:mod:`.s3_guard`, where the reasoning is), so a
   blob linked by any live run is never deleted, also while another replica is linking it.
 
 Costs, in requests: a new blob about 7 (HEAD, guard, PUT, ref, link, counter, verify); linking a
 stored blob about 7 (HEAD twice, guard read, ref, link, counter, verify); a GET or HEAD one,
-streamed from the bucket; a page of a run's blobs one GET and one LIST (the BlobInfo is in the
-link's key); deleting a run with n links about 3n; GC one LIST per 1000 refs, blobs and guards,
-plus 6 per blob it deletes. A counter update is one conditional PUT against the counter this
-replica last saw, two more requests per conflict.
+streamed from the bucket (a GET of a large blob: none, redirected to the bucket); a page of a
+run's blobs one GET and one LIST (the BlobInfo is in the link's key); deleting a run with n
+links about 3n; GC one LIST per 1000 refs, blobs and guards, plus 6 per blob it deletes. A
+counter update is one conditional PUT against the counter this replica last saw, two more
+requests per conflict.
 
 Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL,
@@ -35,6 +36,7 @@ AWS_VIRTUAL_HOSTED_STYLE_REQUEST, web identity and instance credentials), read b
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -75,12 +77,19 @@ from .s3_layout import (
     run_key,
 )
 
+log = logging.getLogger(__name__)
+
 _ROUNDS = 8  # claim / verify rounds of one write; each is lost only to a GC deleting that blob
 _CAS_ATTEMPTS = 64  # compare-and-swap attempts on one run counter
 _CHUNK = 1 << 20  # bytes per chunk streamed to a client (a 2 MB image: 2 chunks)
 _FANOUT = 16  # concurrent requests of one call (missing, runs, delete_run, gc, fsck)
 _REFS_BY_LISTING = 1000  # deleting more links than this: list all refs once rather than per blob
 _COUNTERS_CACHED = 10_000  # run counters remembered (with their ETag) for one-request updates
+
+
+def _info_of(hexd: str, head: Any) -> BlobInfo:
+    """The BlobInfo a blob's HEAD carries (its metadata)."""
+    return blob_info(f"blake3:{hexd}", head.meta["size"], head.attributes)
 
 
 class S3Storage(Storage):
@@ -127,10 +136,9 @@ class S3Storage(Storage):
 
     def _head(self, hexd: str) -> BlobInfo | None:  # info_async's twin
         try:
-            result = obstore.get(self.store, blob_key(hexd), options={"head": True})
+            return _info_of(hexd, obstore.get(self.store, blob_key(hexd), options={"head": True}))
         except FileNotFoundError:
             return None
-        return blob_info(f"blake3:{hexd}", result.meta["size"], result.attributes)
 
     def _create_blob(self, hexd: str, data: bytes, info: BlobInfo) -> bool:
         """One conditional PUT (never multipart: that cannot be conditional); False if it existed."""
@@ -192,16 +200,24 @@ class S3Storage(Storage):
             return
         raise StorageBusyError(f"run {run!r}: too many concurrent updates of its counter; retry", run=run)
 
-    def _link(self, run: str, info: BlobInfo) -> None:
-        """Ref first, then the link: a crash in between keeps the blob, never loses a live one."""
+    def _link(self, run: str, info: BlobInfo) -> bool:
+        """Ref first, then the link: a crash in between keeps the blob, never loses a live one.
+
+        Whether this call made the link (and counted it)."""
         hexd = digest_hex(info.digest)
         obstore.put(self.store, ref_key(hexd, run), b"", use_multipart=False)
         try:
             obstore.put(self.store, link_key(run, info), b"", mode="create", use_multipart=False)
         except AlreadyExistsError:
-            return  # linked before: counted then
-
+            return False  # linked before: counted then
         self._counts.add(run, 1, info.size)  # with the other links into this run arriving now
+        return True
+
+    def _unlink(self, run: str, info: BlobInfo, counted: bool) -> None:
+        """Undo :meth:`_link` of a blob that a GC deleted before the writer could verify it."""
+        obstore.delete(self.store, [link_key(run, info), ref_key(digest_hex(info.digest), run)])
+        if counted:
+            self._counts.add(run, -1, -info.size)
 
     def _add_counts(self, run: str, count: int, size: int) -> None:
         def add(c: RunCounter) -> RunCounter:
@@ -222,7 +238,7 @@ class S3Storage(Storage):
                 continue  # deleted between our PUT's 412 and the HEAD: claim again
             created = created or stored is info
             if check is not None:  # the decode ran while the bytes went up; before any link
-                self._checked(hexd, check)
+                self._checked(hexd, check, withdraw=True if stored is info else None)
                 check = None
             self._link(run, stored)
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
@@ -233,52 +249,64 @@ class S3Storage(Storage):
         hexd = digest_hex(digest)
         if self._head(hexd) is None:  # the common case for new uploads: no claim, no write
             return None
+        linked: tuple[BlobInfo, bool] | None = None  # the last round's link, and whether it counted it
         for _ in range(_ROUNDS):
             etag = self.guards.claim(hexd)
             info = self._head(hexd)  # after the claim: only now does "exists" stay true
             if info is None:
+                if linked is not None:  # deleted under the last round's link: take it back
+                    self._unlink(run, *linked)
                 return None
-            self._link(run, info)
+            if check is not None:
+                self._checked(hexd, check, withdraw=None)
+                check = None
+            linked = info, self._link(run, info) or (linked is not None and linked[1])
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
-                if check is not None:
-                    self._checked(hexd, check)
                 return info
         raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
 
-    def _checked(self, hexd: str, check: Check) -> None:
-        """Run an upload's ``check`` on bytes already in the bucket; withdraw them if it rejects them.
+    def _checked(self, hexd: str, check: Check, *, withdraw: bool | None) -> None:
+        """Run an upload's ``check`` (its decode) once the blob is in the bucket, before any link.
 
-        Only while this check runs can the bucket hold unchecked bytes, so another upload of the
-        same bytes (which links them without decoding them again) may link them meanwhile, and a
-        replica that dies here leaves them behind. Hence every dedup of an upload checks too (its
-        decode overlaps its requests), and :meth:`_withdraw` removes the bytes from every run.
-        What stays open: ``blobs:link`` (no bytes) of the digest of bytes whose uploader died
-        within its decode links them until a later upload of them is checked and withdraws them;
-        their readers' decode then fails with ``corrupt_asset``.
+        If it rejects the bytes, they are withdrawn (:meth:`_withdraw`) when ``withdraw`` is True
+        (this upload created the blob) or None and no run links them (a dedup upload: bytes that
+        a replica stored and died before its own check answered). Bytes that some run links passed
+        a check when they were linked, so a failing check there says more about this replica
+        (another Pillow, say) than about them: the upload is refused and they stay.
         """
         try:
             check()
         except decode.ImageError:
-            self._withdraw(hexd)
+            try:
+                if withdraw or (withdraw is None and not self._has_refs(hexd)):
+                    self._withdraw(hexd)
+            except Exception:  # the client still gets its 422; unlinked bytes are GC's
+                log.exception("withdrawing blob blake3:%s failed", hexd)
             raise
 
     def _withdraw(self, hexd: str) -> None:
         """Remove a blob from every run and from the bucket, while other writers may be linking it.
 
         The guard is seized first (``deleting``), so a writer that links the blob from now on fails
-        its verify and waits until the blob is gone (as for a GC); one that verified before has
-        written its ref before, so the listing of ``refs/<hex>/`` below finds it and its link is
-        removed. Run counters keep the removed links counted until ``mmstore fsck`` recounts.
+        its verify and waits until the blob is gone (as for a GC), then takes its link back; one
+        that verified before has written its ref before, so the listing of ``refs/<hex>/`` below
+        finds it and its link is removed. Run counters keep the removed links counted until
+        ``mmstore fsck`` recounts.
         """
         self.guards.seize(hexd)
-        info = self._head(hexd)
         runs = [m["path"].rsplit("/", 1)[1] for m in self._list(f"{REFS}{hexd}/")]
         # links first (the run stops listing it), then refs, the blob and its guard
-        if runs and info is not None:
-            obstore.delete(self.store, [link_key(run, info) for run in runs])
-        if runs:
-            obstore.delete(self.store, [ref_key(hexd, run) for run in runs])
+        links = [key for run in runs if (key := self._link_of(run, hexd))]
+        for keys in (links, [ref_key(hexd, run) for run in runs]):
+            if keys:
+                obstore.delete(self.store, keys)
         self.guards.finish_delete(hexd)
+
+    def _link_of(self, run: str, hexd: str) -> str | None:
+        """The key of ``run``'s link to the blob, found by listing (no BlobInfo needed)."""
+        name = f"{link_prefix(run)}{hexd}."
+        first = next(self._list(link_prefix(run), offset=name[:-1]), None)  # keys after "<hex>"
+        return first["path"] if first and first["path"].startswith(name) else None
 
     def info(self, digest: str) -> BlobInfo | None:
         return self._head(digest_hex(digest))
@@ -286,10 +314,9 @@ class S3Storage(Storage):
     async def info_async(self, digest: str) -> BlobInfo | None:
         hexd = digest_hex(digest)
         try:
-            result = await obstore.get_async(self.store, blob_key(hexd), options={"head": True})
+            return _info_of(hexd, await obstore.get_async(self.store, blob_key(hexd), options={"head": True}))
         except FileNotFoundError:
             return None
-        return blob_info(f"blake3:{hexd}", result.meta["size"], result.attributes)
 
     def read(self, digest: str, start: int, length: int) -> bytes:
         key = blob_key(digest_hex(digest))
@@ -312,10 +339,11 @@ class S3Storage(Storage):
 
         return chunks()
 
-    def presign(self, digest: str, ttl_seconds: int) -> str:
-        # a SigV4 signature with the cached credentials: ~10 us of CPU (a credential refresh,
-        # for instance or web-identity credentials, is the one request it can make)
-        return obstore.sign(self.store, "GET", blob_key(digest_hex(digest)), timedelta(seconds=ttl_seconds))
+    async def presign(self, digest: str, ttl_seconds: int) -> str:
+        # a SigV4 signature, computed here (async: refreshing instance or web-identity credentials
+        # is a request)
+        key = blob_key(digest_hex(digest))
+        return await obstore.sign_async(self.store, "GET", key, timedelta(seconds=ttl_seconds))
 
     def missing(self, digests: list[str]) -> list[str]:
         unique = list(dict.fromkeys(digests))
