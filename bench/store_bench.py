@@ -445,7 +445,7 @@ def markdown(results: list[Result], info: dict, settings: dict, s3_rows: list) -
             "- Both paths use one client library, obstore (the backend's own): `S3Store` on the "
             "bucket for direct, `HTTPStore` on mmstore's URL for mmstore; `clients` concurrent "
             f"loops (asyncio) for {settings['s3_duration']} s per path and case, in "
-            f"{settings['get_rounds']} interleaved rounds (each path in turn, so a slow spell hits all "
+            f"{settings['s3_rounds']} interleaved rounds (each path in turn, so a slow spell hits all "
             "alike; p50 and p99 over the pooled rounds, each round's p50 in the note), after 1 s of "
             "warm-up for GET.",
             "- GET: the objects mmstore stored for the GET sets (64 per size, uploaded through "
@@ -485,9 +485,8 @@ def main(
     output: OutputOption = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the results file")] = True,
     keep_tmp: Annotated[bool, typer.Option(help="keep the temporary directories")] = False,
-    get_rounds: Annotated[
-        int, typer.Option(help="rounds over all servers (GET rows: the median) and S3 paths (pooled)")
-    ] = 3,
+    get_rounds: Annotated[int, typer.Option(help="GET rounds over all servers (rows: the median)")] = 3,
+    s3_rounds: Annotated[int, typer.Option(help="S3: interleaved rounds over the paths (pooled)")] = 5,
     s3: Annotated[bool, typer.Option(help="also measure mmstore on S3 (moto) vs S3 directly")] = True,
     s3_put_images: Annotated[
         int, typer.Option(help="distinct images per size and creating path, S3 PUT (2 MB ones: in memory)")
@@ -684,7 +683,7 @@ def main(
                 lambda size, i: noise_png(*SIZES[size], 30_000_000 + i),
                 concurrencies=[1, connections],
                 duration=duration,
-                rounds=get_rounds,
+                rounds=s3_rounds,
                 put_limit=s3_put_images,
                 console=console,
             )
@@ -714,6 +713,7 @@ def main(
             "serve --port PORT --root $TMP/root",
             "commands": wrk.commands,
             "s3_duration": f"{duration:g}",
+            "s3_rounds": s3_rounds,
             "get_rounds": get_rounds,
         }
         info = {**machine(), **tools()}
