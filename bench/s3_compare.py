@@ -289,20 +289,12 @@ def run(
         direct = S3Store(
             bucket,
             prefix="store",
-            config={
-                "endpoint": s3.endpoint,
-                "access_key_id": "testing",
-                "secret_access_key": "testing",
-                "region": "us-east-1",
-            },
+            config=s3.config,
             client_options={"allow_http": True},
         )
         http = HTTPStore.from_url(base, client_options={"allow_http": True})
         http_streamed = HTTPStore.from_url(base_streamed, client_options={"allow_http": True})
-        backend = S3Storage(
-            url, config={"endpoint": s3.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
-                         "region": "us-east-1"}
-        )  # fmt: skip
+        backend = S3Storage(url, config=s3.config)
         rows = asyncio.run(
             _measure(
                 direct, backend, http, http_streamed, gets, puts, concurrencies, duration, rounds, console

@@ -116,6 +116,16 @@ class S3Server:
                     raise TimeoutError(f"moto server did not start, see {self.log}") from None
                 time.sleep(0.1)
 
+    @property
+    def config(self) -> dict[str, str]:
+        """obstore's S3 settings for this server (``S3Store(..., config=)``, ``S3Storage``)."""
+        return {
+            "endpoint": self.endpoint,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "region": "us-east-1",
+        }
+
     def client(self):
         """A boto3 client on the server (to create buckets and to look inside them)."""
         import boto3

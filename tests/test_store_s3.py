@@ -53,13 +53,7 @@ def storage(s3_server):
     """The backend in this process, on a fresh bucket (to drive GC's protocol step by step)."""
     from mmstore.storage.s3 import S3Storage
 
-    config = {
-        "endpoint": s3_server.endpoint,
-        "access_key_id": "testing",
-        "secret_access_key": "testing",
-        "region": "us-east-1",
-    }
-    return S3Storage(s3_server.bucket(), config=config)
+    return S3Storage(s3_server.bucket(), config=s3_server.config)
 
 
 def info_of(data: bytes) -> BlobInfo:
@@ -258,10 +252,7 @@ def test_large_gets_redirect_to_the_bucket_by_default(s3_server, tmp_path):
         import obstore
         from mmstore.storage.s3 import S3Storage
 
-        config = {"endpoint": s3_server.endpoint, "access_key_id": "testing", "secret_access_key": "testing"}
-        obstore.delete(
-            S3Storage(url, config={**config, "region": "us-east-1"}).store, f"blobs/{digest_hex(big_d)}"
-        )
+        obstore.delete(S3Storage(url, config=s3_server.config).store, f"blobs/{digest_hex(big_d)}")
         with StoreClient(server.url, token="reader") as reader, pytest.raises(ApiError) as gone:
             reader.get(big_d)
         assert gone.value.status == 404
@@ -326,8 +317,7 @@ def test_a_dedup_upload_checks_bytes_a_dead_replica_left_unchecked(s3_server, re
     url, a, _ = replicas
     cut = noise_png(300_000, seed=14)[:-20_000]
     digest, hexd = compute_digest(cut), digest_hex(compute_digest(cut))
-    config = {"endpoint": s3_server.endpoint, "access_key_id": "testing", "secret_access_key": "testing"}
-    dead = S3Storage(url, config={**config, "region": "us-east-1"})
+    dead = S3Storage(url, config=s3_server.config)
     dead.guards.claim(hexd, new=True)
     assert dead._create_blob(hexd, cut, BlobInfo.of(digest, len(cut), decode.probe(cut)))
     r = httpx.put(f"{a.url}/v1/runs/again/blobs/{digest}", content=cut, timeout=60)

@@ -91,11 +91,10 @@ def ingest(
     try:
         header = decode.probe(data, max_pixels=settings.max_image_pixels)
         check = functools.partial(decode.check_pixels, data)
+        recheck = None  # a re-upload's: only a bucket can hold bytes that never passed a check
         if storage.remote:
-            check = _decode_pool(settings.decode_nice).submit(check).result
-        existing = (
-            None if absent else storage.link_existing(run, digest, check=check if storage.remote else None)
-        )
+            check = recheck = _decode_pool(settings.decode_nice).submit(check).result
+        existing = None if absent else storage.link_existing(run, digest, check=recheck)
         if existing is not None:
             metrics.blobs_deduplicated.inc()
             return PutResult(existing, created=False)

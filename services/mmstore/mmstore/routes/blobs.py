@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
@@ -48,10 +49,8 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
         raise
     absent = False
     if stored is not None:
-        try:
+        with contextlib.suppress(Exception):  # only a hint: ingest's own existence check answers
             absent = await stored is None
-        except Exception:  # only a hint: ingest's own existence check answers (or fails) as usual
-            absent = False
     result = await run_in_threadpool(
         ingest, state.storage, state.settings, state.metrics, run, data, hasher.digest(), expected, absent
     )

@@ -53,7 +53,8 @@ class Storage(ABC):
 
         ``check`` (the full decode) raises if the bytes must not be kept. It is called before the
         blob is linked anywhere: a local backend calls it before writing; a remote one may store
-        the bytes first, so the check overlaps the upload, and then retracts them if it raises.
+        the bytes first, so the check overlaps the upload, and withdraws them if it raises (unless
+        a run links them: see that backend).
         """
 
     @abstractmethod

@@ -249,18 +249,20 @@ class S3Storage(Storage):
         hexd = digest_hex(digest)
         if self._head(hexd) is None:  # the common case for new uploads: no claim, no write
             return None
-        linked: tuple[BlobInfo, bool] | None = None  # the last round's link, and whether it counted it
+        linked: BlobInfo | None = None  # what the last round linked
+        counted = False  # whether a round made the link (and counted it)
         for _ in range(_ROUNDS):
             etag = self.guards.claim(hexd)
             info = self._head(hexd)  # after the claim: only now does "exists" stay true
             if info is None:
                 if linked is not None:  # deleted under the last round's link: take it back
-                    self._unlink(run, *linked)
+                    self._unlink(run, linked, counted)
                 return None
             if check is not None:
                 self._checked(hexd, check, withdraw=None)
                 check = None
-            linked = info, self._link(run, info) or (linked is not None and linked[1])
+            counted = self._link(run, info) or counted
+            linked = info
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
                 return info
         raise StorageBusyError(f"blob {digest} is contended by garbage collection; retry", digest=digest)
