@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mmstore_client import StoreClient
@@ -35,7 +36,10 @@ def test_smoke_loop_invariants(store, inference, tiny_qwen2_vl, tmp_path):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["rollouts"] == 4 and saved["placeholder_mismatches"] == 0
     assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") == 4
-    assert summary.checkpoint and (tmp_path / "run").exists()
+    assert summary.trainer["pixels_checked"] > 0 and summary.trainer["pixel_mismatches"] == 0
+    assert summary.trainer["missing_images"] == 0
+    checkpoint = Path(summary.checkpoint)
+    assert (checkpoint / "config.json").is_file() and list(checkpoint.glob("*.safetensors"))
 
 
 def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp_path):

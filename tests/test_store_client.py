@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import mmstore_client
 import pytest
 from mmstore_client import (
     AsyncStoreClient,
     AuthError,
+    BadRequestError,
     ByteCache,
     IntegrityError,
     NotFoundError,
@@ -21,7 +20,6 @@ from mmstore_client import (
     TransportError,
     compute_digest,
 )
-from mmstore_client.store import _StoreBase
 from support import image_bytes
 
 
@@ -35,25 +33,6 @@ def store(store, store_backend, request):
 @pytest.fixture(scope="session")
 def auth_store(auth_store, store_backend, request):
     return auth_store if store_backend == "local" else request.getfixturevalue("s3_auth_store")
-
-
-def test_sync_and_async_clients_are_twins():
-    def methods(cls):
-        return {n for n, f in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")} - set(
-            dir(_StoreBase)
-        )
-
-    assert methods(StoreClient) == methods(AsyncStoreClient)
-    for name in methods(StoreClient) - {"close"}:
-        sync_params = inspect.signature(getattr(StoreClient, name)).parameters
-        async_params = inspect.signature(getattr(AsyncStoreClient, name)).parameters
-        assert list(sync_params) == list(async_params), name
-
-
-def test_exported_members():
-    assert mmstore_client.__all__ == sorted(mmstore_client.__all__)
-    for name in mmstore_client.__all__:
-        assert hasattr(mmstore_client, name)
 
 
 def test_put_skips_upload_when_present_and_links(store):
@@ -140,20 +119,25 @@ def test_integrity_error_on_wrong_bytes_never_cached():
         srv.shutdown()
 
 
-def test_retries_5xx_then_succeeds_but_never_4xx():
-    data = image_bytes(seed=55)
+def _counting_server(statuses: list[int], body_ok: bytes):
+    """Answers each GET with the next status of ``statuses`` (the last one repeats) and counts requests."""
     calls = {"n": 0}
 
     def handler(req):
+        code = statuses[min(calls["n"], len(statuses) - 1)]
         calls["n"] += 1
-        code = 503 if calls["n"] < 3 else 200
-        body = data if code == 200 else b'{"error": {"code": "unavailable", "message": "later"}}'
+        body = body_ok if code == 200 else b'{"error": {"code": "some_code", "message": "said so"}}'
         req.send_response(code)
         req.send_header("content-length", str(len(body)))
         req.end_headers()
         req.wfile.write(body)
 
-    srv = _serve_once(handler)
+    return _serve_once(handler), calls
+
+
+def test_retries_5xx_then_succeeds():
+    data = image_bytes(seed=55)
+    srv, calls = _counting_server([503, 503, 200], data)
     try:
         with StoreClient(f"http://127.0.0.1:{srv.server_port}", retries=3, backoff=0.01) as client:
             assert client.get(compute_digest(data)) == data and calls["n"] == 3
@@ -161,7 +145,21 @@ def test_retries_5xx_then_succeeds_but_never_4xx():
         srv.shutdown()
 
 
-def test_no_retry_on_4xx(auth_store):
+@pytest.mark.parametrize(
+    ("status", "error"), [(404, NotFoundError), (401, AuthError), (400, BadRequestError)]
+)
+def test_4xx_is_raised_after_one_request_never_retried(status, error):
+    srv, calls = _counting_server([status], b"")
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}"
+        with StoreClient(url, retries=3, backoff=0.01) as client, pytest.raises(error) as exc:
+            client.get(compute_digest(b"anything"))
+        assert calls["n"] == 1 and exc.value.status == status and exc.value.code == "some_code"
+    finally:
+        srv.shutdown()
+
+
+def test_read_token_cannot_write(auth_store):
     with StoreClient(auth_store.url, token="reader") as client, pytest.raises(AuthError) as exc:
         client.put(image_bytes(seed=56), "r")
     assert exc.value.status == 403 and exc.value.code == "forbidden"
