@@ -577,15 +577,30 @@ def test_parity_sizing(fam: Family, config: Config) -> None:
 def run_processor(fam: Family, processor, config: Config, images: list) -> tuple[list, list[str]]:
     """One whole processor call, one prompt per image: grids from its output, and the text it
     substituted for each image's placeholder."""
-    out = processor(
+    out = call_processor(fam, processor, config, images)
+    texts = replacements(out)
+    return fam.grids(out, texts), texts
+
+
+def replacements(out: Any) -> list[str]:
+    """The text the processor substituted for each prompt's one image placeholder."""
+    return [spans[0]["replacement"] for spans in out["text_replacement_offsets"]]
+
+
+def call_processor(fam: Family, processor, config: Config, images: list) -> Any:
+    return processor(
         text=[layouts.layout_class(fam.family).template_text] * len(images),
         images=[[image] for image in images],
         return_text_replacement_offsets=True,
         **config.call,
         **fam.observe,
     )
-    texts = [spans[0]["replacement"] for spans in out["text_replacement_offsets"]]
-    return fam.grids(out, texts), texts
+
+
+def pixel_values_elements(out: Any) -> int:
+    """Numbers in a processor output's ``pixel_values`` (a tensor, or a list of per-image ones)."""
+    values = out["pixel_values"]
+    return sum(v.numel() for v in values) if isinstance(values, list) else values.numel()
 
 
 @pytest.mark.parametrize(("fam", "config"), CASES)
@@ -633,12 +648,15 @@ def test_parity_real_images(fam: Family, config: Config) -> None:
         header = decode.probe(data)
         image = decode.decode_rgb(data)
         assert image.size == (header.width, header.height)
-        result = outcome(lambda image=image: run_processor(fam, processor, config, [image]))
+        result = outcome(lambda image=image: call_processor(fam, processor, config, [image]))
         if result is REFUSED:
             expect_refusal(layout, header.width, header.height)
         else:
-            (grid,), (text,) = result
+            (text,) = replacements(result)
+            (grid,) = fam.grids(result, [text])
             check(layout, header.width, header.height, grid, text, tiles_only=fam.family == "llava_onevision")
+            placement = layout.place(header.width, header.height)
+            assert layout.pixel_values_elements(placement) == pixel_values_elements(result), header
 
 
 # --- checkpoint folders ------------------------------------------------------------------------
@@ -873,6 +891,7 @@ def test_defaults_match_hf_classes() -> None:
     gemma = T.models.gemma3.processing_gemma3.Gemma3ProcessorKwargs._defaults["images_kwargs"]
     assert layouts.Gemma3Config().model_dump() == {
         "image_seq_length": signature_default(T.Gemma3Processor, "image_seq_length"),
+        "image_size": T.Gemma3ImageProcessor().size["height"],
         **{key: value for key, value in gemma.items() if key != "do_convert_rgb"},
     }
     llava, vision = T.LlavaOnevisionImageProcessor(), T.LlavaOnevisionConfig().vision_config

@@ -6,17 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from mmstore_client.descriptor import Descriptor
+from mmstore_client.layouts import Layout
+from mmstore_client.layouts.base import Placement
 
-
-def pixel_values_bytes(desc: Descriptor) -> int:
-    """Size of the float32 ``pixel_values`` a processor would produce for this image.
-
-    Qwen-style families: one row of ``channels * temporal_patch * patch**2`` floats per patch
-    of ``grid_thw``; other families: their grid's product times a patch of the same shape.
-    """
-    patch = int(desc.layout.get("patch_size", 14))
-    temporal = int(desc.layout.get("temporal_patch_size", 1) or 1)
-    return math.prod(desc.grid) * 3 * temporal * patch * patch * 4
+FLOAT32_BYTES = 4
 
 
 @dataclass
@@ -38,13 +31,17 @@ class LoopStats:
     failures: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
 
-    def count_request(self, descriptors: list[Descriptor], image_bytes: dict[str, int]) -> None:
-        """One generate request: what its images cost as refs, as base64, as pixel_values."""
+    def count_request(
+        self, descriptors: list[Descriptor], image_bytes: dict[str, int], layout: Layout
+    ) -> None:
+        """One generate request: what its images cost as refs, as base64, as the float32
+        ``pixel_values`` the layout's processor would make of them."""
         self.generate_requests += 1
         for d in descriptors:
             self.bytes_refs += len(d.model_dump_json())
             self.bytes_base64 += len("data:image/png;base64,") + 4 * math.ceil(image_bytes[d.digest] / 3)
-            self.bytes_pixel_values += pixel_values_bytes(d)
+            placement = Placement(d.grid, d.num_tokens)
+            self.bytes_pixel_values += layout.pixel_values_elements(placement) * FLOAT32_BYTES
 
 
 # -- per replica: its own /metrics (ours and vLLM's), as deltas over a phase ----------------------

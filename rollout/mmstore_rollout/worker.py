@@ -87,7 +87,7 @@ class RolloutWorker:
             self.stats.processed_payloads += 1
             raise
         sizes = {d.digest: len(self.store.cache.get(d.digest) or b"") for d in rendered.descriptors}
-        self.stats.count_request(rendered.descriptors, sizes)
+        self.stats.count_request(rendered.descriptors, sizes, self.renderer.layout)
         retried = self.inference.retried
         try:
             response = await self.inference.generate(request, affinity=affinity)

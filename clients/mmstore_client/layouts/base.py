@@ -118,6 +118,11 @@ class Layout(ABC, Generic[ConfigT]):
     def placeholder_text(self, placement: Placement) -> str:
         """The exact text the processor substitutes for one ``placeholder`` of this image."""
 
+    @abstractmethod
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """How many numbers the processor's ``pixel_values`` hold for this image (float32 as HF
+        returns them): what shipping processed pixels instead of a ref would cost."""
+
     def refuse(self, rule: str) -> LayoutRefusal:
         """The refusal to raise, naming the family and the processor rule that was broken."""
         return LayoutRefusal(f"{self.family} layout ({self.hf_processor}) refuses the image: {rule}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import PositiveFloat, PositiveInt
 
-from mmstore_client.layouts.base import Layout, LayoutConfig, Placement
+from mmstore_client.layouts.base import Layout, LayoutConfig, LayoutConfigError, Placement
 from mmstore_client.layouts.common import pick
 from mmstore_client.layouts.registry import register
 
@@ -29,6 +29,7 @@ class Gemma3Config(LayoutConfig):
     """``Gemma3Processor``'s ``image_seq_length`` and default pan-and-scan kwargs."""
 
     image_seq_length: PositiveInt = 256
+    image_size: PositiveInt = 224  # the image processor's size["height"] == size["width"] (checkpoints: 896)
     do_pan_and_scan: bool = False
     pan_and_scan_min_crop_size: PositiveInt = 256
     pan_and_scan_max_num_crops: PositiveInt = 4
@@ -80,6 +81,11 @@ class Gemma3Layout(Layout[Gemma3Config]):
             return 0
         return crops_h * crops_w
 
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """One ``image_size`` square for the image and one per crop."""
+        (num_crops,) = placement.grid
+        return (1 + num_crops) * 3 * self.config.image_size**2
+
     def placeholder_text(self, placement: Placement) -> str:
         block = f"\n\n{self.placeholder}{self.image_token * self.config.image_seq_length}<end_of_image>\n\n"
         (num_crops,) = placement.grid
@@ -92,6 +98,9 @@ class Gemma3Layout(Layout[Gemma3Config]):
 
     @classmethod
     def overrides_from_hf(cls, image_processor: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
-        """Only ``image_seq_length`` from ``processor_config.json``; see the module docstring for
-        why the saved pan-and-scan settings never apply."""
-        return pick(processor, "image_seq_length")
+        """``image_seq_length`` from ``processor_config.json`` and the square ``size``; see the
+        module docstring for why the saved pan-and-scan settings never apply."""
+        size = image_processor.get("size")
+        if size is not None and (not isinstance(size, dict) or size.get("height") != size.get("width")):
+            raise LayoutConfigError(f"{cls.family}: only a square size is mirrored, got {size}")
+        return pick(processor, "image_seq_length") | ({"image_size": size["height"]} if size else {})

@@ -76,6 +76,11 @@ class Idefics3Layout(Layout[Idefics3Config]):
             return math.ceil(height / tile), math.ceil(width / tile)
         return 0, 0
 
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """One ``max_image_size`` square per tile plus the global view."""
+        rows, cols = placement.grid
+        return (rows * cols + 1) * 3 * self.config.max_image_size**2
+
     def placeholder_text(self, placement: Placement) -> str:
         rows, cols = placement.grid
         tile_tokens = self.image_token * self.config.image_seq_len

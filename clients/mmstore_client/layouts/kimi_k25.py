@@ -65,6 +65,10 @@ class KimiK25Layout(Layout[KimiK25Config]):
     def placeholder_text(self, placement: Placement) -> str:
         return self.image_token * placement.num_tokens
 
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """One ``3 x patch_size x patch_size`` patch per cell of the grid (no temporal patch)."""
+        return math.prod(placement.grid) * 3 * self.config.patch_size**2
+
     @classmethod
     def overrides_from_hf(cls, image_processor: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
         """transformers' keys (patch and merge size, ``max_patches``, ``size`` with equal max

@@ -101,6 +101,11 @@ class LlavaOnevisionLayout(Layout[LlavaOnevisionConfig]):
     def placeholder_text(self, placement: Placement) -> str:
         return self.image_token * placement.num_tokens
 
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """The base square plus one ``image_size`` square per tile of the grid."""
+        rows, cols = placement.grid
+        return (1 + rows * cols) * 3 * self.config.image_size**2
+
     @classmethod
     def overrides_from_hf(cls, image_processor: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
         """Tile side from ``size`` (square only; a ``crop_size`` must agree), pinpoints from the

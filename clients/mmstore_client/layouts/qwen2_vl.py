@@ -60,6 +60,11 @@ class Qwen2VLLayout(Layout[Qwen2VLConfig]):
     def placeholder_text(self, placement: Placement) -> str:
         return self.image_token * placement.num_tokens
 
+    def pixel_values_elements(self, placement: Placement) -> int:
+        """One row of ``3 * temporal_patch_size * patch_size**2`` per patch of the grid."""
+        cfg = self.config
+        return math.prod(placement.grid) * 3 * cfg.temporal_patch_size * cfg.patch_size**2
+
     def check_aspect_ratio(self, height: int, width: int) -> None:
         """smart_resize's first rule, on the size it sees."""
         ratio = max(height, width) / min(height, width)
