@@ -124,6 +124,7 @@ def build_images(n_convs: int, turns: int, seed: int) -> list[list[list[bytes]]]
 def render_conversations(renderer, store, images: list[list[list[bytes]]], tag: str) -> list[list[Turn]]:
     from mmstore_client.digest import make_ref
     from mmstore_client.placeholders import check_runs, collapse
+    from mmstore_client.render import image_refs
 
     convs = []
     for c, conv_images in enumerate(images):
@@ -141,7 +142,7 @@ def render_conversations(renderer, store, images: list[list[list[bytes]]], tag: 
                     ],
                 }
             )
-            rendered = renderer.render(messages)
+            rendered = renderer.render(messages, store.image_headers(image_refs(messages)))
             digests = [d.digest for d in rendered.descriptors]
             runs = check_runs(rendered.token_ids, rendered.descriptors, renderer.image_token_id)
             new = len(set(digests) - seen)
@@ -624,7 +625,7 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
 
         # ---- workload: rendered once, outside any timing
         store = StoreClient(store_url)
-        renderer = Renderer.from_pretrained(model, store.get)
+        renderer = Renderer.from_pretrained(model)
         layout = Layout.from_pretrained(model)
         tok = renderer.tokenizer
         forbidden = {*tok.encode(layout.template_text, add_special_tokens=False), renderer.image_token_id}

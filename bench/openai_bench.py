@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import httpx
 import typer
@@ -333,7 +333,7 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
 
 async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     from mmstore_client import StoreClient
-    from mmstore_client.render import Renderer
+    from mmstore_client.render import Renderer, image_refs
 
     t_start = time.monotonic()
     load_before = loadavg()
@@ -367,15 +367,7 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     print(f"servers ready in {time.monotonic() - t0:.0f}s (logs in {tmp})", flush=True)
 
     store = StoreClient(urls["store"])
-    described: dict[str, Any] = {}
-
-    class Caching(Renderer):  # descriptors by digest, as the service keeps them
-        def describe(self, digest: str):
-            if digest not in described:
-                described[digest] = super().describe(digest)
-            return described[digest]
-
-    renderer = Caching.from_pretrained(model, store.get)
+    renderer = Renderer.from_pretrained(model)
     t0 = time.monotonic()
     convs: dict[str, list[Conversation]] = {}
     warmups: dict[str, Conversation] = {}
@@ -423,17 +415,19 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
                 same_tokens += mine.tokens == theirs.tokens
     # every path's prompts against the client-side renderer (all images are in the store now)
     exact: dict[str, list[bool]] = {p: [] for p in PATHS}
+    tokens_per_image: set[int] = set()
     for path in PATHS:
         for conv in convs[path]:
             for turn in conv.images:
                 for data in turn:
                     store.put(data, RUN)
             for t in range(opts["turns"]):
-                rendered = renderer.render(conv.messages(t, runner.ref))
+                messages = conv.messages(t, runner.ref)
+                rendered = renderer.render(messages, store.image_headers(image_refs(messages)))
+                tokens_per_image.update(d.num_tokens for d in rendered.descriptors)
                 for r in results:
                     if r.path == path and r.conv == conv.index and r.turn == t + 1:
                         exact[path].append(r.prompt == rendered.token_ids)
-    tokens_per_image = sorted({d.num_tokens for d in described.values()})
     store.close()
 
     agree = {

@@ -52,7 +52,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def play(opts: dict, store_url: str, url: str, model: Path, run: str, affinity: bool) -> dict:
     """The workload through ``url`` (the balancer); what the worker saw."""
-    from mmstore_client import AsyncStoreClient, StoreClient
+    from mmstore_client import AsyncStoreClient
     from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
     from mmstore_client.render import Renderer
     from mmstore_rollout.stats import LoopStats
@@ -73,8 +73,7 @@ async def play(opts: dict, store_url: str, url: str, model: Path, run: str, affi
     stats = LoopStats()
     failures: list[str] = []
     async with AsyncStoreClient(store_url) as store, TimedClient(url) as client:
-        sync_store = StoreClient(store_url, cache=store.cache)
-        renderer = await asyncio.to_thread(Renderer.from_pretrained, model, sync_store.get)
+        renderer = await asyncio.to_thread(Renderer.from_pretrained, model)
         sampling = SamplingOptions(max_tokens=opts["max_tokens"], temperature=1.0)
         worker = RolloutWorker(
             store, client, renderer, run, stats, sampling, upload_rollouts=False, affinity=affinity
@@ -89,10 +88,7 @@ async def play(opts: dict, store_url: str, url: str, model: Path, run: str, affi
                     failures.append(f"group {seed}: {exc!r}")
 
         t = time.perf_counter()
-        try:
-            await asyncio.gather(*(group(seed) for seed in range(opts["groups"])))
-        finally:
-            sync_store.close()
+        await asyncio.gather(*(group(seed) for seed in range(opts["groups"])))
         wall = time.perf_counter() - t
     return {
         "requests": stats.generate_requests,

@@ -184,13 +184,13 @@ def make_samples(
 ) -> tuple[list, int]:
     """Upload distinct images and render one two-message conversation per sample."""
     from mmstore_client import StoreClient
-    from mmstore_client.render import Renderer
+    from mmstore_client.render import Renderer, image_refs
     from mmstore_trainer import sample_from_rendered
 
     total = 0
     samples = []
     with StoreClient(url) as client:
-        renderer = Renderer.from_pretrained(model_dir, client.get)
+        renderer = Renderer.from_pretrained(model_dir)
         for i in range(n):
             blobs = [jpeg(width, height, seed=i * per_sample + j) for j in range(per_sample)]
             total += sum(map(len, blobs))
@@ -208,7 +208,8 @@ def make_samples(
                     "content": f"Think step by step, then answer in one word. The answer is {i}.",
                 },
             ]
-            rendered = renderer.render(messages, add_generation_prompt=False)
+            headers = client.image_headers(image_refs(messages))
+            rendered = renderer.render(messages, headers, add_generation_prompt=False)
             samples.append(
                 sample_from_rendered(rendered, sample_id=f"s{i}", advantages=1.0 if i % 2 else -1.0)
             )

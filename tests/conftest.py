@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import S3Server, ServerProcess, store_process
+from support import FetchingRenderer, S3Server, ServerProcess, store_process
 
 TOKENS = '{"reader": ["read"], "writer": ["write"], "admin": ["admin"]}'
 
@@ -152,7 +152,7 @@ def parts(store, inference, tiny_qwen2_vl):
     from mmstore_trainer.data import Materializer
 
     client = StoreClient(store.url)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
     with InferenceClient(inference.url) as inf:
         yield client, renderer, inf, Materializer.from_pretrained(tiny_qwen2_vl, client, strict_pixels=True)
     client.close()

@@ -188,3 +188,35 @@ def noise_png(nbytes_target: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.frombytes("RGB", (side, side), rnd).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+class FetchingRenderer:
+    """The sans-I/O renderer with a header source beside it, as its callers use it: ``render`` and
+    ``bridge`` first fetch the headers ``image_refs`` names through ``source.image_headers`` (a
+    ``StoreClient``, or :class:`ImageSet` for images that never went to a store)."""
+
+    def __init__(self, renderer, source) -> None:
+        self.renderer, self.source = renderer, source
+
+    def __getattr__(self, name: str):
+        return getattr(self.renderer, name)
+
+    def render(self, messages, **options):
+        from mmstore_client.render import image_refs
+
+        return self.renderer.render(messages, self.source.image_headers(image_refs(messages)), **options)
+
+    def bridge(self, previous, new_messages, **options):
+        from mmstore_client.render import image_refs
+
+        headers = self.source.image_headers(image_refs(new_messages))
+        return self.renderer.bridge(previous, new_messages, headers, **options)
+
+
+class ImageSet(dict):
+    """digest -> bytes standing in for a store: the headers the renderer asks for."""
+
+    def image_headers(self, digests) -> dict:
+        from mmstore_client import decode
+
+        return {d: decode.probe(self[d]) for d in digests}

@@ -15,14 +15,14 @@ from mmstore_client.render import Renderer
 from mmstore_trainer.config import TrainConfig
 from mmstore_trainer.samples import sample_from_rendered, write_samples
 from mmstore_trainer.train import train
-from support import noise_png
+from support import FetchingRenderer, noise_png
 
 pytestmark = pytest.mark.slow
 
 
 def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tmp_path):
     client = StoreClient(store.url)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
     uri = "data:image/png;base64," + base64.b64encode(noise_png(3000, seed=5)).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]
     rendered = renderer.render(offload_messages(messages, client, "ckpt"))
@@ -51,7 +51,7 @@ def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tm
         while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
             assert time.monotonic() < deadline and server.proc.poll() is None, f"see {server.log}"
             time.sleep(1)
-        ckpt_renderer = Renderer.from_pretrained(report.checkpoint, client.get)
+        ckpt_renderer = FetchingRenderer(Renderer.from_pretrained(report.checkpoint), client)
         again = ckpt_renderer.render(offload_messages(messages, client, "ckpt"))
         assert again.token_ids == rendered.token_ids, "the checkpoint renders exactly as the base model"
         with InferenceClient(server.url) as inf:

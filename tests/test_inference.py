@@ -10,7 +10,7 @@ from mmstore_client import StoreClient, compute_digest
 from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
 from mmstore_client.offload import offload_messages
 from mmstore_client.render import Renderer
-from support import image_bytes, noise_png
+from support import FetchingRenderer, image_bytes, noise_png
 
 pytestmark = pytest.mark.slow
 RUN = "inference-tests"
@@ -33,7 +33,7 @@ def user(text: str, *images: bytes) -> dict:
 @pytest.fixture(scope="module")
 def client(store, inference, tiny_qwen2_vl):
     store_client = StoreClient(store.url)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, store_client.get)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), store_client)
     with InferenceClient(inference.url) as inf:
         yield store_client, renderer, inf
     store_client.close()
@@ -171,14 +171,14 @@ def test_layout_and_descriptor_mismatch(client):
 
 def test_malformed_and_processed_payloads(client):
     r = httpx.post(f"{client[2].url}/v1/generate", json={"prompt_token_ids": "nope"}, timeout=60)
-    assert r.status_code == 422 and _code(r) == "invalid_request"
+    assert r.status_code == 400 and _code(r) == "invalid_request"
     rendered = render(client, [user("x", image_bytes(40, 40, seed=13))])
     body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=rendered.descriptors).model_dump(
         mode="json"
     )
     body["descriptors"][0]["pixel_values"] = [[0.5]]
     r = httpx.post(f"{client[2].url}/v1/generate", json=body, timeout=60)
-    assert r.status_code == 422 and "processed image payload" in r.text
+    assert r.status_code == 400 and "processed image payload" in r.text
     _still_serving(client)
 
 
@@ -187,7 +187,7 @@ def test_image_tokens_are_never_sampled_by_default(client):
     rendered = render(client, [user("x", image_bytes(40, 40, seed=14))])
     r = generate(client, rendered, max_tokens=64, temperature=2.0, seed=1, n=4).json()
     too_hot = generate(client, rendered, temperature=5.0)
-    assert too_hot.status_code == 422 and _code(too_hot) == "invalid_request"
+    assert too_hot.status_code == 400 and _code(too_hot) == "engine_rejected"
     markup = set(
         renderer.tokenizer.encode("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False)
     )

@@ -16,7 +16,7 @@ from mmstore_client import StoreClient, compute_digest, make_ref
 from mmstore_client.descriptor import Descriptor, ImageSpan, Sample
 from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
 from mmstore_client.render import Renderer
-from support import free_port, image_bytes, noise_png
+from support import FetchingRenderer, free_port, image_bytes, noise_png
 
 pytestmark = pytest.mark.slow
 RUN = "openai-tests"
@@ -39,7 +39,7 @@ def store_client(store):
 
 @pytest.fixture(scope="module")
 def renderer(tiny_qwen2_vl, store_client):
-    return Renderer.from_pretrained(tiny_qwen2_vl, store_client.get)
+    return FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), store_client)
 
 
 @pytest.fixture(scope="module")

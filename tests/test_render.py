@@ -6,13 +6,13 @@ import pytest
 from mmstore_client import compute_digest, decode, make_ref
 from mmstore_client.descriptor import ProcessedPayloadError
 from mmstore_client.render import Renderer, RenderError
-from support import image_bytes
+from support import FetchingRenderer, ImageSet, image_bytes
 
 SIZES = [(100, 140), (300, 200), (56, 56), (1280, 720), (33, 517), (640, 480)]
 
 
-class Images(dict):
-    """digest -> bytes, standing in for the store (the renderer only needs ``fetch``)."""
+class Images(ImageSet):
+    """digest -> bytes, standing in for the store."""
 
     def add(self, w: int, h: int, seed: int, fmt: str = "PNG") -> str:
         data = image_bytes(w, h, fmt, seed)
@@ -74,7 +74,7 @@ def test_single_image_parity(model_dir):
     messages = [
         {"role": "user", "content": [img(images.add(100, 140, 1)), {"type": "text", "text": "Describe."}]}
     ]
-    renderer = Renderer.from_pretrained(model_dir, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(model_dir), images)
     out = renderer.render(messages)
     ids, grids = hf_reference(model_dir, messages, images)
     assert out.token_ids == ids
@@ -87,7 +87,7 @@ def test_single_image_parity(model_dir):
 def test_multi_image_multi_turn_parity_and_mask(model_dir):
     images = Images()
     messages = conversation(images)
-    renderer = Renderer.from_pretrained(model_dir, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(model_dir), images)
     out = renderer.render(messages)
     ids, grids = hf_reference(model_dir, messages, images)
     assert out.token_ids == ids
@@ -103,7 +103,7 @@ def test_multi_image_multi_turn_parity_and_mask(model_dir):
 def test_bridging_keeps_sampled_ids_and_descriptors(tiny_qwen2_vl):
     images = Images()
     messages = conversation(images)
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), images)
     turn1 = renderer.render(messages[:2])
     # a sampled completion tokenized differently from how the tokenizer would encode its text
     tok = renderer.tokenizer
@@ -140,7 +140,7 @@ def test_bridging_keeps_sampled_ids_and_descriptors(tiny_qwen2_vl):
 
 def test_image_tokens_in_text_refused(tiny_qwen2_vl):
     images = Images()
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), images)
     messages = [
         {
             "role": "user",

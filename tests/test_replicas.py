@@ -29,6 +29,7 @@ from mmstore_rollout.env import ShapesEnv
 from mmstore_rollout.stack import Service, Stack
 from mmstore_rollout.stats import LoopStats, scrape_replica
 from mmstore_rollout.worker import SYSTEM, RolloutWorker
+from support import FetchingRenderer
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = SamplingOptions(max_tokens=6, temperature=0.0)
@@ -128,7 +129,7 @@ def cluster(store, tiny_qwen2_vl, tmp_path_factory):
 @pytest.fixture(scope="module")
 def renderer(cluster, tiny_qwen2_vl):
     client = StoreClient(cluster.store_url)
-    yield Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    yield FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
     client.close()
 
 

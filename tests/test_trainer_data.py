@@ -28,7 +28,7 @@ from mmstore_trainer import (
 )
 from mmstore_trainer.data import PLACEHOLDER_RGB
 from PIL import Image
-from support import image_bytes
+from support import FetchingRenderer, ImageSet, image_bytes
 
 SIZES = [(100, 140), (300, 200), (640, 480)]
 
@@ -62,7 +62,7 @@ def client(store):
 
 @pytest.fixture(scope="module")
 def renderer(tiny_qwen2_vl, client):
-    return Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    return FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,9 @@ def test_missing_images_policies(tiny_qwen2_vl, store, client, renderer, process
     gone = make_sample(renderer, [*kept, *refs], "gone")
     # an image never uploaded: rendered from local bytes, unknown to the store
     local = image_bytes(80, 60, seed=402)
-    never = Renderer.from_pretrained(tiny_qwen2_vl, {compute_digest(local): local}.__getitem__)
+    never = FetchingRenderer(
+        Renderer.from_pretrained(tiny_qwen2_vl), ImageSet({compute_digest(local): local})
+    )
     never_sample = make_sample(never, [f"mmstore://blobs/{compute_digest(local)}"], "never")
     client.delete_run(run)
     client.gc(grace_seconds=0)

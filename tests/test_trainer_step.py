@@ -17,7 +17,7 @@ from mmstore_trainer.cli import app
 from mmstore_trainer.families import QwenVLFamily, UnsupportedFamily, family_class, register
 from mmstore_trainer.loss import clipped_pg_loss, token_logprobs
 from mmstore_trainer.pack import pack, pack_one, plan
-from support import image_bytes
+from support import FetchingRenderer, ImageSet, image_bytes
 from test_trainer_data import make_sample, upload
 from typer.testing import CliRunner
 
@@ -87,7 +87,7 @@ def test_plan_first_fit_decreasing():
 @torch.no_grad()
 def test_packed_logits_equal_each_sample_alone(request, family, store, client):
     model_dir = request.getfixturevalue(f"tiny_{family}")
-    renderer = Renderer.from_pretrained(model_dir, client.get)
+    renderer = FetchingRenderer(Renderer.from_pretrained(model_dir), client)
     refs, _ = upload(client, "trainer-step", [(100, 140), (300, 200), (64, 64)], seed=600)
     samples = [
         make_sample(renderer, refs[:1], "one-image"),
@@ -120,7 +120,7 @@ def fixed_batch(tiny_qwen2_vl, store, client, tmp_path_factory):
     """Two samples (advantage +1 and -1) whose logprobs are the model's own at TEMPERATURE with the
     image markup banned (as vLLM samples by default), computed unpacked the plain HF way: the
     trainer's first ratio must be exactly 1."""
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, client.get)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
     refs, _ = upload(client, "trainer-step", [(120, 160), (200, 100)], seed=700)
     samples = [
         make_sample(renderer, refs[:1], "good", advantages=1.0, answer="A red square, a blue circle."),
@@ -189,7 +189,9 @@ def test_cli_train_missing_image_policies_and_make_tiny_model(
 ):
     _, samples = fixed_batch
     local = image_bytes(80, 60, seed=800)  # never uploaded: the store answers 404
-    never = Renderer.from_pretrained(tiny_qwen2_vl, {compute_digest(local): local}.__getitem__)
+    never = FetchingRenderer(
+        Renderer.from_pretrained(tiny_qwen2_vl), ImageSet({compute_digest(local): local})
+    )
     missing = make_sample(never, [f"mmstore://blobs/{compute_digest(local)}"], "missing", advantages=1.0)
     data = tmp_path / "samples.parquet"
     write_samples(data, [samples[0], missing])

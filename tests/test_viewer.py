@@ -34,7 +34,7 @@ from mmstore_client.rollouts import (
     rollouts_page,
 )
 from PIL import Image
-from support import image_bytes
+from support import FetchingRenderer, ImageSet, image_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -316,9 +316,11 @@ def test_rollout_turns_cut_images_out_of_the_rendered_text(tiny_qwen2_vl):
     from mmstore_client.digest import make_ref
     from mmstore_client.render import Renderer
 
-    images = {compute_digest(d): d for d in (image_bytes(100, 140, seed=3), image_bytes(60, 60, seed=4))}
+    images = ImageSet(
+        {compute_digest(d): d for d in (image_bytes(100, 140, seed=3), image_bytes(60, 60, seed=4))}
+    )
     refs = [make_ref(d) for d in images]
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), images)
     tok = renderer.tokenizer
 
     def user(ref: str, text: str) -> dict:
@@ -384,7 +386,7 @@ async def run_worker(url: str, model_dir: Path, run: str, *, groups: int, token:
 
     async with AsyncStoreClient(url, token=token) as store:
         with StoreClient(url, token=token, cache=store.cache) as sync_store:
-            renderer = Renderer.from_pretrained(model_dir, sync_store.get)
+            renderer = Renderer.from_pretrained(model_dir)
             inference = ScriptedInference(renderer, sync_store)
             worker = RolloutWorker(
                 store, inference, renderer, run, LoopStats(), SamplingOptions(max_tokens=8)

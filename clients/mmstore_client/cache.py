@@ -1,55 +1,154 @@
-"""A bounded in-memory byte cache keyed by digest.
+"""The one bounded cache of the project, and the one single-flight, for content-addressed values.
 
-Content-addressed entries can never be stale, so no invalidation exists: only eviction of the
-least recently used entries once ``max_bytes`` is exceeded. Thread-safe; shared by the sync and
-async clients (and by services that hold one client per process).
+Everything cached here is keyed by a digest (or derived from one), so an entry can never be
+stale: there is no invalidation, only eviction of the least recently used entries once the
+entries' total cost passes the bound. The cost is what the caller says an entry weighs (bytes for
+blobs, width*height*3 for decoded images, 1 for small records), so one class bounds every cache.
+The LRU bookkeeping is ``cachetools.LRUCache``; this wrapper adds the lock (the caches are shared
+by threads), hit and miss counts for metrics, and silently skips values larger than the bound.
+
+:class:`SingleFlight` / :class:`AsyncSingleFlight` make concurrent callers of one key share one
+computation (a fetch, a decode): the first caller runs it, the others wait for its result or its
+exception. Nothing is remembered afterwards; pair them with a cache for that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import cachetools
+
+if TYPE_CHECKING:
+    pass
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
-class ByteCache:
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
+def _one(_: object) -> int:
+    return 1
+
+
+class LRUCache(Generic[K, V]):
+    """A thread-safe LRU bounded by the total ``cost`` of its values (default: 1 per entry)."""
+
+    def __init__(self, max_cost: int, cost: Callable[[V], int] = _one) -> None:
+        self.max_cost = max_cost
+        self._cost = cost
+        self._entries: cachetools.LRUCache[K, V] = cachetools.LRUCache(maxsize=max_cost, getsizeof=cost)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, digest: str) -> bytes | None:
+    def get(self, key: K) -> V | None:
+        """The value (now the most recently used), or None; counted as a hit or a miss."""
         with self._lock:
-            data = self._entries.get(digest)
-            if data is None:
+            try:
+                value = self._entries[key]
+            except KeyError:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(digest)
             self.hits += 1
-            return data
+            return value
 
-    def put(self, digest: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
+    def put(self, key: K, value: V) -> None:
+        """Keep ``value`` unless it alone is over the bound; evicts the least recently used."""
+        if self._cost(value) > self.max_cost:
             return
         with self._lock:
-            if digest in self._entries:
-                self._entries.move_to_end(digest)
+            if key in self._entries:
+                self._entries[key]  # touch: most recently used, the value is the same
                 return
-            self._entries[digest] = data
-            self._size += len(data)
-            while self._size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._size -= len(evicted)
+            self._entries[key] = value
 
-    def __contains__(self, digest: str) -> bool:
+    def discard(self, key: K) -> None:
+        """Forget ``key`` (for values whose source was deleted, e.g. a blob removed by GC)."""
         with self._lock:
-            return digest in self._entries
+            self._entries.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def size(self) -> int:
-        return self._size
+        """The total cost held now."""
+        return int(self._entries.currsize)
+
+
+class ByteCache(LRUCache[str, bytes]):
+    """Blob bytes by digest, bounded by their total length."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        super().__init__(max_bytes, cost=len)
+
+
+class DecodedCache(LRUCache[str, "Image.Image"]):
+    """Decoded RGB images by digest, bounded by the bytes of their pixels (width*height*3)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes, cost=lambda img: img.width * img.height * 3)
+
+
+class SingleFlight(Generic[K, V]):
+    """Threads asking for one key at once share the first one's call of ``fn``."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[K, Future[V]] = {}
+        self._lock = threading.Lock()
+
+    def run(self, key: K, fn: Callable[[], V]) -> V:
+        with self._lock:
+            pending = self._inflight.get(key)
+            if pending is None:
+                future: Future[V] = Future()
+                self._inflight[key] = future
+        if pending is not None:
+            return pending.result()
+        try:
+            value = fn()
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            with self._lock:
+                del self._inflight[key]
+
+
+class AsyncSingleFlight(Generic[K, V]):
+    """Tasks of one event loop asking for one key at once share the first one's ``await fn()``.
+
+    A waiter that is cancelled does not cancel the shared call (it is shielded); the caller that
+    started it owns it, as a plain ``await`` would.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[K, asyncio.Future[V]] = {}
+
+    async def run(self, key: K, fn: Callable[[], Awaitable[V]]) -> V:
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            value = await fn()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it, no "never retrieved" warning
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._inflight[key]

@@ -1,9 +1,8 @@
 """Rollout-worker offload: replace every inline image in chat messages by an mmstore ref.
 
 ``offload_messages(messages, store, run)`` walks a message list or a whole request body
-(``{"messages": [...]}``), nested parts and tool results included, finds every ``image_url``
-(``{"type": "image_url", "image_url": {"url": ...}}`` or ``"image_url": "..."``) and
-``input_image`` part, and turns each ``data:image/...;base64,`` URL, local file
+(``{"messages": [...]}``) with :func:`mmstore_client.parts.image_parts` (nested parts and tool
+results included) and turns each ``data:image/...;base64,`` URL, local file
 (``file://`` URL or path) and, if allowed, http(s) URL into ``mmstore://blobs/<digest>``.
 
 Every image is read and its header checked before anything is uploaded (the store decodes
@@ -30,6 +29,7 @@ from . import decode
 from .descriptor import reject_processed
 from .digest import compute_digest, is_ref, make_ref
 from .errors import RejectedError
+from .parts import ImagePart, image_parts
 from .store import AsyncStoreClient, StoreClient
 
 
@@ -50,36 +50,6 @@ class OffloadPolicy:
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
     # optional check of each image's size against a model layout (raises at offload time)
     check_size: Callable[[int, int], object] | None = None
-
-
-@dataclass
-class _Found:
-    where: str
-    container: dict  # the dict holding the URL
-    key: str  # "url" in {"url": ...}, or "image_url" when the URL is a plain string
-    url: str
-
-
-def _image_sites(body: Any) -> list[_Found]:
-    """Every image URL in ``body`` with its location (``messages[2].content[1]``)."""
-    found: list[_Found] = []
-
-    def visit(obj: Any, where: str) -> None:
-        if isinstance(obj, dict):
-            val = obj.get("image_url")  # chat parts and the Responses API's input_image
-            if isinstance(val, dict) and isinstance(val.get("url"), str):
-                found.append(_Found(where, val, "url", val["url"]))
-            elif isinstance(val, str):
-                found.append(_Found(where, obj, "image_url", val))
-            for k, v in obj.items():
-                if k != "image_url" and isinstance(v, dict | list):
-                    visit(v, f"{where}.{k}" if where else k)
-        elif isinstance(obj, list):
-            for i, v in enumerate(obj):
-                visit(v, f"{where}[{i}]")
-
-    visit(body, "messages" if isinstance(body, list) else "")
-    return found
 
 
 def _read_local(url: str, where: str) -> bytes:
@@ -120,7 +90,7 @@ def _fetch_http(url: str, where: str, policy: OffloadPolicy) -> bytes:
         raise OffloadError(where, f"cannot fetch {url[:100]}: {exc}", "unreachable_url") from exc
 
 
-def _load(site: _Found, policy: OffloadPolicy) -> bytes:
+def _load(site: ImagePart, policy: OffloadPolicy) -> bytes:
     url = site.url
     if url.startswith("data:"):
         data = _decode_data_uri(url, site.where)
@@ -153,14 +123,14 @@ def plan_offload(body: Any, policy: OffloadPolicy) -> tuple[Any, dict[str, _Blob
     """
     out = copy.deepcopy(body)
     blobs: dict[str, _Blob] = {}
-    for site in _image_sites(out):
+    for site in image_parts(out):
         if is_ref(site.url):
             continue
         data = _load(site, policy)
         digest = compute_digest(data)
         blobs.setdefault(digest, _Blob(data, site.where))
         site.container[site.key] = make_ref(digest)
-    for site in _image_sites(out):
+    for site in image_parts(out):
         if not is_ref(site.url):
             raise OffloadError(site.where, "an image URL is left that is not an mmstore ref")
     reject_processed(out)

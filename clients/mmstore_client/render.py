@@ -9,20 +9,27 @@ layout's token count equals the processor's, by construction and by the parity t
 Multi-turn bridging (:meth:`Renderer.bridge`) appends the tokens of new messages to the ids of
 the previous turn *as sampled*: the sampled completion is never re-tokenized, earlier images
 keep their descriptors, and turn k+1's ids start with turn k's.
+
+The renderer does no I/O, as httpx builds requests without sending them: :func:`image_refs` says
+which images a conversation needs, the caller fetches their headers with whichever store client it
+holds (``StoreClient.image_headers`` or the async twin's), and ``render(messages, headers)``
+returns ids, descriptors, spans and mask. Only the header of each image matters (its oriented
+size): the layout places it from that alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import decode
+from .decode import ImageHeader
 from .descriptor import Descriptor, ImageSpan, reject_processed
 from .digest import is_ref, parse_ref
 from .layouts import Layout
 from .layouts.base import Placement
+from .parts import image_parts, video_parts
 from .placeholders import PlaceholderMismatch, check_runs
 
 
@@ -56,22 +63,28 @@ class Rendered:
 
 
 def image_refs(messages: Sequence[dict[str, Any]]) -> list[str]:
-    """The digests of the image parts of ``messages``, in the order the chat template emits them."""
+    """The digests of the image parts of ``messages``, in the order the chat template emits them.
+
+    Refused by name (``RenderError``): a video part (``video_unsupported``: no layout places
+    videos, and dropping one silently would change what the model sees), an image nested anywhere
+    but a message's ``content`` list (``image_outside_content``: no template emits it there), and an
+    image URL that is not an mmstore ref (``not_a_ref``: offload first). Processed payloads are
+    refused first (:func:`~mmstore_client.descriptor.reject_processed`), as :meth:`Renderer.render`
+    refuses them.
+    """
+    reject_processed(list(messages), "$messages")
+    if videos := video_parts(list(messages)):
+        raise RenderError(f"{videos[0]}: video parts are not supported (images only)", "video_unsupported")
     digests = []
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or "image_url" not in part:
-                continue
-            url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-            if not is_ref(url):
-                raise RenderError(
-                    f"messages[{i}].content[{j}]: image URL is not an mmstore ref (offload first)",
-                    "not_a_ref",
-                )
-            digests.append(parse_ref(url))
+    for part in image_parts(list(messages)):
+        if not part.in_content:
+            raise RenderError(
+                f"{part.where}: an image outside a message's content list is not rendered by chat templates",
+                "image_outside_content",
+            )
+        if not is_ref(part.url):
+            raise RenderError(f"{part.where}: image URL is not an mmstore ref (offload first)", "not_a_ref")
+        digests.append(parse_ref(part.url))
     return digests
 
 
@@ -86,24 +99,47 @@ def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
+# apply_chat_template's own arguments: a template kwarg of the same name would override them
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
+     "continue_final_message", "return_dict", "return_tensors", "padding", "truncation", "max_length"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """What a render passes to the chat template besides the messages."""
+
+    tools: list[dict[str, Any]] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tools: Sequence[dict[str, Any]] | None, kwargs: Mapping[str, Any] | None) -> TemplateOptions:
+        if clash := sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs or {})):
+            raise RenderError(
+                f"chat_template_kwargs may not set {', '.join(clash)}: they are the renderer's own arguments",
+                "invalid_template_option",
+            )
+        return cls(list(tools) if tools else None, dict(kwargs or {}))
+
+
 class Renderer:
     """Renders for one model: its tokenizer (with chat template) and its image layout.
 
-    ``fetch(digest) -> bytes`` supplies image bytes (normally ``StoreClient.get``, verified and
-    cached); only the header is parsed.
+    ``tools`` and ``chat_template_kwargs`` (e.g. ``enable_thinking``, ``add_vision_id``) go to the
+    chat template as ``apply_chat_template`` passes them, on every render and bridge.
     """
 
-    def __init__(self, tokenizer: Any, layout: Layout, fetch: Callable[[str], bytes]) -> None:
+    def __init__(self, tokenizer: Any, layout: Layout) -> None:
         self.tokenizer = tokenizer
         self.layout = layout
-        self.fetch = fetch
         vocab = tokenizer.get_vocab()
         self.image_token_id = vocab[layout.image_token]
         self.eos_token: str = tokenizer.eos_token
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, fetch: Callable[[str], bytes]) -> Renderer:
+    def from_pretrained(cls, model_dir: str | Path) -> Renderer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -111,13 +147,11 @@ class Renderer:
             from transformers import AutoProcessor
 
             tokenizer.chat_template = AutoProcessor.from_pretrained(str(model_dir)).chat_template
-        return cls(tokenizer, Layout.from_pretrained(model_dir), fetch)
+        return cls(tokenizer, Layout.from_pretrained(model_dir))
 
     # -- descriptors -----------------------------------------------------------------------
-    def describe(self, digest: str) -> Descriptor:
-        """The descriptor of one image: header size (oriented) through the layout."""
-        data = self.fetch(digest)
-        header = decode.probe(data)
+    def describe(self, digest: str, header: ImageHeader) -> Descriptor:
+        """The descriptor of one image: its header's oriented size through the layout."""
         placement = self.layout.place(header.width, header.height)
         return Descriptor(
             digest=digest,
@@ -132,9 +166,15 @@ class Renderer:
         )
 
     # -- text -> ids -----------------------------------------------------------------------
-    def _template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, options: TemplateOptions
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            _template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            _template_messages(messages),
+            tools=options.tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **options.kwargs,
         )
 
     def _encode(
@@ -155,6 +195,20 @@ class Renderer:
         spans = self._spans(ids, descriptors, offset)
         return ids, spans
 
+    def _check_emitted(self, messages: Sequence[dict[str, Any]], options: TemplateOptions) -> None:
+        """Refuse images the chat template leaves out (e.g. a system message's, in templates that
+        write only its text), naming the first message whose images are missing: dropping them
+        would change what the model sees without a word."""
+        placeholder = self.layout.placeholder
+        for k in range(len(messages)):
+            expected = len(image_refs(messages[: k + 1]))
+            if self._template(messages[: k + 1], False, options).count(placeholder) < expected:
+                role = messages[k].get("role")
+                raise RenderError(
+                    f"messages[{k}] ({role}): the chat template does not render images in this message",
+                    "image_not_rendered",
+                )
+
     def _spans(self, ids: list[int], descriptors: list[Descriptor], offset: int) -> list[ImageSpan]:
         try:
             runs = check_runs(ids, descriptors, self.image_token_id)
@@ -163,19 +217,24 @@ class Renderer:
         return [ImageSpan(start=offset + r.start, length=r.length) for r in runs]
 
     def _assistant_mask(
-        self, messages: Sequence[dict[str, Any]], ids: list[int], descriptors: list[Descriptor]
+        self,
+        messages: Sequence[dict[str, Any]],
+        ids: list[int],
+        descriptors: list[Descriptor],
+        options: TemplateOptions,
     ) -> list[bool]:
-        """True on each assistant message's content tokens and its end token, False elsewhere.
+        """True on each assistant message's tokens (content, reasoning, tool calls) and its end
+        token, False elsewhere.
 
         Each boundary is the length of a prefix's rendering; a prefix's images are the first of
-        ``descriptors``, so no image is fetched or placed again.
+        ``descriptors``, so no image is placed again.
         """
         mask = [False] * len(ids)
         for k, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start = self._prefix_len(messages[:k], True, descriptors)
-            end = self._prefix_len(messages[: k + 1], False, descriptors)
+            start = self._prefix_len(messages[:k], True, descriptors, options)
+            end = self._prefix_len(messages[: k + 1], False, descriptors, options)
             seg = ids[start:end]
             stop = seg.index(self.eos_token_id) + 1 if self.eos_token_id in seg else len(seg)
             for t in range(start, start + stop):
@@ -183,47 +242,77 @@ class Renderer:
         return mask
 
     def _prefix_len(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, descriptors: list[Descriptor]
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool,
+        descriptors: list[Descriptor],
+        options: TemplateOptions,
     ) -> int:
         if not messages:
             return 0
         prefix = descriptors[: len(image_refs(messages))]
-        return len(self._encode(self._template(messages, add_generation_prompt), prefix, 0)[0])
+        return len(self._encode(self._template(messages, add_generation_prompt, options), prefix, 0)[0])
 
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> Rendered:
-        descriptors = [self.describe(d) for d in image_refs(messages)]
-        ids, spans = self._encode(self._template(messages, add_generation_prompt), descriptors, 0)
-        mask = self._assistant_mask(messages, ids, descriptors)
-        return Rendered(ids, descriptors, spans, mask, [dict(m) for m in messages])
+    def _describe_all(self, digests: Sequence[str], headers: Mapping[str, ImageHeader]) -> list[Descriptor]:
+        missing = [d for d in dict.fromkeys(digests) if d not in headers]
+        if missing:
+            raise RenderError(
+                f"no header given for {', '.join(missing)}: fetch the headers image_refs() names first",
+                "missing_header",
+            )
+        return [self.describe(d, headers[d]) for d in digests]
 
-    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> Rendered:
-        """Render a whole conversation (images must be refs)."""
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        headers: Mapping[str, ImageHeader],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> Rendered:
+        """Render a whole conversation (images must be refs, ``headers`` holds each one's header)."""
         reject_processed(list(messages), "$messages")
-        return self._render(messages, add_generation_prompt)
+        options = TemplateOptions.of(tools, chat_template_kwargs)
+        descriptors = self._describe_all(image_refs(messages), headers)
+        text = self._template(messages, add_generation_prompt, options)
+        if text.count(self.layout.placeholder) < len(descriptors):
+            self._check_emitted(messages, options)
+        ids, spans = self._encode(text, descriptors, 0)
+        mask = self._assistant_mask(messages, ids, descriptors, options)
+        return Rendered(ids, descriptors, spans, mask, [dict(m) for m in messages])
 
     def bridge(
         self,
         previous: Rendered,
         new_messages: Sequence[dict[str, Any]],
+        headers: Mapping[str, ImageHeader],
         *,
         add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> Rendered:
         """Append ``new_messages`` to ``previous`` (whose ids end with a sampled completion).
 
         ``previous.messages`` must end with the assistant message of that completion (its text is
         only used to find where the template continues). The earlier ids, the sampled ones
-        included, are kept exactly; only the new messages' text is tokenized.
+        included, are kept exactly; only the new messages' text is tokenized. ``headers`` needs
+        only the new messages' images; ``tools`` and ``chat_template_kwargs`` must be the ones the
+        previous turn was rendered with.
         """
         reject_processed(list(new_messages), "$messages")
+        options = TemplateOptions.of(tools, chat_template_kwargs)
         history = previous.messages
-        full = self._template([*history, *new_messages], add_generation_prompt)
-        before = self._template(history, False)
+        full = self._template([*history, *new_messages], add_generation_prompt, options)
+        before = self._template(history, False, options)
         cut = before.rfind(self.eos_token)
         if cut < 0 or not full.startswith(before[:cut]):
             raise RenderError("the chat template does not extend the previous turn's text", "bridge_failed")
         ended = bool(previous.token_ids) and previous.token_ids[-1] == self.eos_token_id
         suffix = full[cut + len(self.eos_token) if ended else cut :]
-        new_descriptors = [self.describe(d) for d in image_refs(new_messages)]
+        new_descriptors = self._describe_all(image_refs(new_messages), headers)
+        if suffix.count(self.layout.placeholder) < len(new_descriptors):
+            self._check_emitted([*history, *new_messages], options)
         ids, spans = self._encode(suffix, new_descriptors, len(previous.token_ids))
         return Rendered(
             [*previous.token_ids, *ids],

@@ -16,9 +16,13 @@ class ServiceError(Exception):
     code = "internal_error"
     retry_after: int | None = None  # seconds, sent as ``Retry-After`` (503s)
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        """``code`` narrows the class's code for this error (``invalid_request`` -> ``url_refused``),
+        keeping its status; ``details`` go into the body beside code and message."""
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
         self.details = details
 
     def body(self) -> dict[str, Any]:

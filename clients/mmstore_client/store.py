@@ -10,6 +10,9 @@ methods are twins kept in step (a test checks they expose the same methods).
   ``MMSTORE_REDIRECT_MIN_BYTES``); the bearer token is not sent there (httpx drops it off-origin).
 * A bounded byte cache (:class:`ByteCache`) keyed by digest; concurrent gets of one digest
   (threads for the sync client, tasks for the async one) share one fetch.
+* ``image_headers`` gives what the renderer needs of each image (its oriented size and type, read
+  from the verified bytes' header and kept by digest), so callers fetch for the sans-I/O renderer
+  with whichever client they hold.
 * ``put`` hashes locally and first asks the store to link the digest to the run; only when the
   store lacks it are the bytes sent.
 """
@@ -17,14 +20,14 @@ methods are twins kept in step (a test checks they expose the same methods).
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import httpx
 
-from .cache import ByteCache
+from . import decode
+from .cache import AsyncSingleFlight, ByteCache, LRUCache, SingleFlight
 from .digest import compute_digest, validate_digest
 from .errors import IntegrityError, ServerError, TransportError, error_from_response
 from .models import (
@@ -39,6 +42,7 @@ from .models import (
 )
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+HEADER_CACHE_ENTRIES = 1 << 16  # ~100 bytes each
 _RETRYABLE = (httpx.TransportError,)
 
 
@@ -59,6 +63,7 @@ class _StoreBase:
         self.retries = retries
         self.backoff = backoff
         self.cache = cache if cache is not None else ByteCache()
+        self.header_cache: LRUCache[str, decode.ImageHeader] = LRUCache(HEADER_CACHE_ENTRIES)
         self.fetches = 0  # blob GETs that went to the network (after cache and single-flight)
         self.fetched_bytes = 0
         self.uploads = 0  # blob bodies the store accepted from this client
@@ -81,6 +86,11 @@ class _StoreBase:
         self.cache.put(digest, data)
         return data
 
+    def _header(self, digest: str, data: bytes) -> decode.ImageHeader:
+        header = decode.probe(data)
+        self.header_cache.put(digest, header)
+        return header
+
     @staticmethod
     def _retryable(exc: Exception) -> bool:
         return isinstance(exc, _RETRYABLE) or (isinstance(exc, ServerError) and exc.status != 501)
@@ -92,8 +102,7 @@ class StoreClient(_StoreBase):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout)
-        self._inflight: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
+        self._fetching: SingleFlight[str, bytes] = SingleFlight()
 
     def __enter__(self) -> StoreClient:
         return self
@@ -135,25 +144,23 @@ class StoreClient(_StoreBase):
     def get(self, digest: str) -> bytes:
         """The blob's bytes, verified; from the cache when present; one fetch per digest at a time."""
         validate_digest(digest)
-        while True:
-            data = self.cache.get(digest)
-            if data is not None:
-                return data
-            with self._lock:
-                event = self._inflight.get(digest)
-                leader = event is None
-                if leader:
-                    event = self._inflight[digest] = threading.Event()
-            if not leader:
-                event.wait()
-                continue  # the leader's result is in the cache now (or it failed: try ourselves)
-            try:
-                r = self._request("GET", f"/v1/blobs/{digest}", follow_redirects=True)
-                return self._verified(digest, r.content)
-            finally:
-                with self._lock:
-                    del self._inflight[digest]
-                event.set()
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+
+        def fetch() -> bytes:
+            r = self._request("GET", f"/v1/blobs/{digest}", follow_redirects=True)
+            return self._verified(digest, r.content)
+
+        return self._fetching.run(digest, fetch)
+
+    def image_headers(self, digests: Iterable[str]) -> dict[str, decode.ImageHeader]:
+        """Each image's header (oriented size, mime), read from its verified bytes; kept by digest."""
+        out = {}
+        for digest in dict.fromkeys(digests):
+            header = self.header_cache.get(digest)
+            out[digest] = header if header is not None else self._header(digest, self.get(digest))
+        return out
 
     def head(self, digest: str) -> bool:
         """Whether the store has the blob."""
@@ -207,7 +214,7 @@ class AsyncStoreClient(_StoreBase):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout)
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._fetching: AsyncSingleFlight[str, bytes] = AsyncSingleFlight()
 
     async def __aenter__(self) -> AsyncStoreClient:
         return self
@@ -252,22 +259,22 @@ class AsyncStoreClient(_StoreBase):
         data = self.cache.get(digest)
         if data is not None:
             return data
-        pending = self._inflight.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = future
-        try:
+
+        async def fetch() -> bytes:
             r = await self._request("GET", f"/v1/blobs/{digest}", follow_redirects=True)
-            data = self._verified(digest, r.content)
-            future.set_result(data)
-            return data
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: followers re-raise it, no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[digest]
+            return self._verified(digest, r.content)
+
+        return await self._fetching.run(digest, fetch)
+
+    async def image_headers(self, digests: Iterable[str]) -> dict[str, decode.ImageHeader]:
+        """Each image's header (oriented size, mime), read from its verified bytes; kept by digest."""
+
+        async def header(digest: str) -> decode.ImageHeader:
+            cached = self.header_cache.get(digest)
+            return cached if cached is not None else self._header(digest, await self.get(digest))
+
+        unique = list(dict.fromkeys(digests))
+        return dict(zip(unique, await asyncio.gather(*map(header, unique)), strict=True))
 
     async def head(self, digest: str) -> bool:
         """Whether the store has the blob."""

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from mmstore_client import AsyncStoreClient, MmstoreError, StoreClient
+from mmstore_client import AsyncStoreClient, MmstoreError
 from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
 from mmstore_client.render import Renderer
 from rich.console import Console
@@ -163,10 +163,7 @@ async def _rollouts(
     collected: dict | None = None,
 ) -> list:
     async with AsyncStoreClient(store_url) as store, AsyncInferenceClient(inference_url) as inference:
-        sync_store = StoreClient(
-            store_url, cache=store.cache
-        )  # the renderer reads headers from the same cache
-        renderer = await asyncio.to_thread(Renderer.from_pretrained, model, sync_store.get)
+        renderer = await asyncio.to_thread(Renderer.from_pretrained, model)
         sampling = SamplingOptions(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         worker = RolloutWorker(
             store,
@@ -190,7 +187,6 @@ async def _rollouts(
         try:
             await asyncio.gather(*(group(seed) for seed in range(cfg.groups)))
         finally:
-            sync_store.close()
             if collected is not None:  # for the plots and the summary
                 collected.update(fetch_s=worker.fetch_s, rollout_docs=worker.rollout_docs)
         return sorted(samples, key=lambda s: s.sample_id)

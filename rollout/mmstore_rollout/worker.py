@@ -17,7 +17,7 @@ from mmstore_client import AsyncStoreClient, ConflictError
 from mmstore_client.descriptor import ProcessedPayloadError, Sample, reject_processed
 from mmstore_client.inference import AsyncInferenceClient, GenerateRequest, SamplingOptions
 from mmstore_client.offload import aoffload_messages
-from mmstore_client.render import Rendered, Renderer
+from mmstore_client.render import Rendered, Renderer, image_refs
 from mmstore_client.rollouts import RolloutDoc, aput_rollout, rollout_turns
 
 from .env import ShapesEnv
@@ -72,6 +72,13 @@ class RolloutWorker:
         self.stats.images += 1
         return out
 
+    async def _render(self, messages: list[dict], previous: Rendered | None = None) -> Rendered:
+        """Fetch the new images' headers here, then render (or bridge) off the event loop."""
+        headers = await self.store.image_headers(image_refs(messages))
+        if previous is None:
+            return await asyncio.to_thread(self.renderer.render, messages, headers)
+        return await asyncio.to_thread(self.renderer.bridge, previous, messages, headers)
+
     def affinity_key(self, seed: int) -> str | None:
         return f"{self.run}/seed{seed}" if self.affinity else None
 
@@ -119,7 +126,7 @@ class RolloutWorker:
     async def rollout_group(self, seed: int, turns: int, n: int) -> list[Sample]:
         env = ShapesEnv(seed, turns)
         first = await self._offload(env.message(env.turn(0)))
-        rendered = await asyncio.to_thread(self.renderer.render, [SYSTEM, first])
+        rendered = await self._render([SYSTEM, first])
         key = self.affinity_key(seed)  # every turn and sample of the group: one replica's caches
         response = await self._generate(rendered, n, key)
         trajectories = []
@@ -133,7 +140,7 @@ class RolloutWorker:
             for traj in trajectories:
                 if traj.ended:
                     continue
-                prompt = await asyncio.to_thread(self.renderer.bridge, traj.rendered, [message])
+                prompt = await self._render([message], traj.rendered)
                 limit = self.max_model_len
                 if limit is not None and len(prompt.token_ids) + self.sampling.max_tokens > limit:
                     traj.ended = True

@@ -10,15 +10,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from mmstore_client import AsyncStoreClient, ByteCache
+from mmstore_client.cache import DecodedCache
 from mmstore_client.inference import GenerateRequest, GenerateResponse
 from mmstore_client.layouts import Layout
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .engine import Engine
-from .errors import EngineUnavailable, InferenceError, InvalidRequest
-from .fetch import DecodedCache, ImageFetcher
+from .errors import InferenceError, InvalidRequest
+from .fetch import ImageFetcher
 from .metrics import InferenceMetrics
-from .openai_api import OpenAIChat
+from .openai import OpenAIChat
 from .service import GenerateService
 from .settings import InferenceSettings
 
@@ -40,7 +41,7 @@ def create_app(settings: InferenceSettings) -> FastAPI:
     writer = None
     if settings.store_write_token:  # offload of chat requests' inline images; same byte cache
         writer = AsyncStoreClient(settings.store, token=settings.store_write_token, cache=store.cache)
-    chat = OpenAIChat(settings, service, store, writer=writer)
+    chat = OpenAIChat(settings, service, writer=writer)
 
     async def start_engine() -> None:
         try:
@@ -88,24 +89,16 @@ def create_app(settings: InferenceSettings) -> FastAPI:
         "/v1/generate",
         tags=["generate"],
         responses={
+            400: {"description": "invalid_request, engine_rejected"},
             409: {"description": "placeholder_mismatch, layout_mismatch, descriptor_mismatch"},
-            422: {"description": "invalid_request, missing_asset"},
+            422: {"description": "missing_asset"},
             502: {"description": "corrupt_asset"},
             503: {"description": "store_unavailable, engine_unavailable (Retry-After)"},
         },
     )
     async def generate(req: GenerateRequest) -> GenerateResponse:
         """Generate from rendered token ids and the descriptors of their images."""
-        try:
-            response = await service.generate(req)
-        except InferenceError:
-            raise
-        except ValueError as exc:  # vLLM's own input validation (e.g. prompt over max_model_len)
-            raise InvalidRequest(f"vLLM refused the request: {exc}") from None
-        except Exception as exc:
-            if not engine.ready:
-                raise EngineUnavailable(f"the vLLM engine failed: {exc!r}") from None
-            raise
+        response = await service.generate(req)
         metrics.requests.labels("ok").inc()
         return response
 

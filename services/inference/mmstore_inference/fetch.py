@@ -4,98 +4,92 @@ Bytes come through :class:`mmstore_client.AsyncStoreClient` (blake3-verified, bo
 one in-flight fetch per digest across requests). Decoded images are kept in a second bounded
 cache keyed by digest (content-addressed, so never stale) with one decode per digest at a time.
 Nothing is assumed from earlier requests: every request names every image it needs.
+
+Store errors become the service's own here and nowhere else (:func:`store_errors`), for the
+generate path's pixels and the chat path's headers alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections import OrderedDict
+import contextlib
+from collections.abc import Iterator, Sequence
 
 from mmstore_client import AsyncStoreClient, IntegrityError, NotFoundError, decode
+from mmstore_client.cache import AsyncSingleFlight, DecodedCache, LRUCache
 from mmstore_client.descriptor import Descriptor
 from mmstore_client.errors import ApiError, TransportError
 from PIL import Image
 
 from .errors import CorruptAsset, DescriptorMismatch, MissingAsset, StoreUnavailable
 
+PIXEL_DIGESTS_KEPT = 100_000
 
-class DecodedCache:
-    """digest -> RGB image, bounded by width*height*3 bytes, least recently used evicted."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, Image.Image] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> Image.Image | None:
-        with self._lock:
-            img = self._entries.get(digest)
-            if img is not None:
-                self._entries.move_to_end(digest)
-            return img
-
-    def put(self, digest: str, img: Image.Image) -> None:
-        cost = img.width * img.height * 3
-        if cost > self.max_bytes:
-            return
-        with self._lock:
-            if digest in self._entries:
-                return
-            self._entries[digest] = img
-            self._size += cost
-            while self._size > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._size -= old.width * old.height * 3
+@contextlib.contextmanager
+def store_errors(digest: str, image: int | None = None, param: str | None = None) -> Iterator[None]:
+    """The store client's errors for ``digest`` as the service's (``image``/``param`` name it)."""
+    where = {k: v for k, v in (("image", image), ("param", param)) if v is not None}
+    label = f"image {image}: " if image is not None else ""
+    try:
+        yield
+    except NotFoundError:
+        raise MissingAsset(f"{label}the store has no blob {digest}", digest=digest, **where) from None
+    except IntegrityError as exc:
+        message = f"{label}bytes served for {digest} hash to {exc.actual}"
+        raise CorruptAsset(message, digest=digest, **where) from None
+    except decode.ImageError as exc:
+        message = f"{label}{digest} cannot be decoded: {exc}"
+        raise CorruptAsset(message, digest=digest, **where) from None
+    except (TransportError, ApiError) as exc:
+        raise StoreUnavailable(
+            f"store unavailable fetching {digest}: {exc}", digest=digest, **where
+        ) from None
 
 
 class ImageFetcher:
     def __init__(self, store: AsyncStoreClient, decoded: DecodedCache) -> None:
         self.store = store
         self.decoded = decoded
-        self._decoding: dict[str, asyncio.Future[Image.Image]] = {}
-        self._pixel_digests: dict[str, str] = {}
-        self.decoded_hits = 0
+        self._decoding: AsyncSingleFlight[str, Image.Image] = AsyncSingleFlight()
+        self._pixel_digests: LRUCache[str, str] = LRUCache(PIXEL_DIGESTS_KEPT)
         self.decodes = 0
+
+    @property
+    def decoded_hits(self) -> int:
+        return self.decoded.hits
 
     async def images(self, descriptors: list[Descriptor]) -> list[Image.Image]:
         """The decoded images of ``descriptors``, in order; raises the service's errors."""
         return list(await asyncio.gather(*(self._image(i, d) for i, d in enumerate(descriptors))))
+
+    async def headers(
+        self, digests: Sequence[str], params: Sequence[str | None]
+    ) -> dict[str, decode.ImageHeader]:
+        """Each image's header, for the renderer; ``params[i]`` names where ``digests[i]`` is."""
+
+        async def one(digest: str, param: str | None) -> decode.ImageHeader:
+            with store_errors(digest, param=param):
+                return (await self.store.image_headers([digest]))[digest]
+
+        first: dict[str, str | None] = {}  # each digest named at its first part
+        for digest, param in zip(digests, params, strict=True):
+            first.setdefault(digest, param)
+        found = await asyncio.gather(*(one(d, p) for d, p in first.items()))
+        return dict(zip(first, found, strict=True))
 
     def pixel_digest(self, digest: str, img: Image.Image) -> str:
         """decode.pixel_digest of an image this fetcher decoded (computed in the decode thread)."""
         known = self._pixel_digests.get(digest)
         if known is None:  # forgotten since: recompute
             known = decode.pixel_digest(img)
-            self._remember_pixels(digest, known)
+            self._pixel_digests.put(digest, known)
         return known
-
-    def _remember_pixels(self, digest: str, pixels: str) -> None:
-        self._pixel_digests[digest] = pixels
-        if len(self._pixel_digests) > 100_000:
-            self._pixel_digests.pop(next(iter(self._pixel_digests)))
 
     async def _image(self, index: int, desc: Descriptor) -> Image.Image:
         img = self.decoded.get(desc.digest)
-        if img is not None:
-            self.decoded_hits += 1
-        else:
-            pending = self._decoding.get(desc.digest)
-            if pending is not None:
-                img = await asyncio.shield(pending)
-            else:
-                future = asyncio.get_running_loop().create_future()
-                self._decoding[desc.digest] = future
-                try:
-                    img = await self._fetch_decode(index, desc.digest)
-                    future.set_result(img)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                    future.exception()
-                    raise
-                finally:
-                    del self._decoding[desc.digest]
+        if img is None:
+            img = await self._decoding.run(desc.digest, lambda: self._fetch_decode(index, desc.digest))
         if (img.width, img.height) != (desc.width, desc.height):
             raise DescriptorMismatch(
                 f"image {index} ({desc.digest}) decodes to {img.width}x{img.height}, "
@@ -108,30 +102,14 @@ class ImageFetcher:
         return img
 
     async def _fetch_decode(self, index: int, digest: str) -> Image.Image:
-        try:
-            data = await self.store.get(digest)
-        except NotFoundError:
-            raise MissingAsset(
-                f"image {index}: the store has no blob {digest}", image=index, digest=digest
-            ) from None
-        except IntegrityError as exc:
-            raise CorruptAsset(
-                f"image {index}: bytes served for {digest} hash to {exc.actual}", image=index, digest=digest
-            ) from None
-        except (TransportError, ApiError) as exc:
-            raise StoreUnavailable(f"store unavailable fetching {digest}: {exc}", digest=digest) from None
-
         def decode_and_digest() -> tuple[Image.Image, str]:
             img = decode.decode_rgb(data)
             return img, decode.pixel_digest(img)
 
-        try:
+        with store_errors(digest, image=index):
+            data = await self.store.get(digest)
             img, pixels = await asyncio.to_thread(decode_and_digest)
-        except decode.ImageError as exc:
-            raise CorruptAsset(
-                f"image {index} ({digest}) cannot be decoded: {exc}", image=index, digest=digest
-            ) from None
         self.decodes += 1
         self.decoded.put(digest, img)
-        self._remember_pixels(digest, pixels)
+        self._pixel_digests.put(digest, pixels)
         return img

@@ -10,6 +10,10 @@ Order of checks (each failure is a specific error; none reaches the engine):
    ``descriptor_mismatch``, ``store_unavailable``);
 4. vLLM's renderer expands the one-placeholder-per-image prompt; its ids must equal the request's
    token for token (``placeholder_mismatch``). Only then is the request sampled.
+
+It raises only the service's own errors (:mod:`.errors`): vLLM's refusal of a request
+(:class:`~.engine.EngineRejected`) is ``invalid_request``/``engine_rejected``, and any other failure
+while the engine is down is ``engine_unavailable``; anything else is a bug and propagates as one.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from mmstore_client.layouts import Layout, LayoutRefusal
 from mmstore_client.placeholders import PlaceholderMismatch as IdsMismatch
 from mmstore_client.placeholders import check_runs, collapse, image_markup_ids
 
-from .engine import Engine
-from .errors import EngineUnavailable, LayoutMismatch, PlaceholderMismatch
+from .engine import Engine, EngineRejected
+from .errors import EngineUnavailable, InvalidRequest, LayoutMismatch, PlaceholderMismatch
 from .fetch import ImageFetcher
 from .metrics import InferenceMetrics
 
@@ -69,6 +73,16 @@ class GenerateService:
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         if not self.engine.ready:
             raise EngineUnavailable("the vLLM engine is not ready")
+        try:
+            return await self._generate(req)
+        except EngineRejected as exc:
+            raise InvalidRequest(f"vLLM refused the request: {exc}", code="engine_rejected") from None
+        except Exception as exc:
+            if self.engine.ready:
+                raise
+            raise EngineUnavailable(f"the vLLM engine failed: {exc!r}") from None
+
+    async def _generate(self, req: GenerateRequest) -> GenerateResponse:
         started = time.perf_counter()
         request_id = req.request_id or uuid.uuid4().hex
         ids = req.prompt_token_ids

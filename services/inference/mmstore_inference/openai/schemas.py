@@ -1,85 +1,18 @@
-"""The wire format of the OpenAI-compatible endpoints (:mod:`mmstore_inference.openai_api`).
+"""The wire format of the OpenAI-compatible endpoints.
 
 The request models (strict: unknown fields refused, parameters the service would not honour
-refused by name), the response models the non-streaming response is built from, and the error
-body, OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with our codes and details.
+refused by name) and the response models the non-streaming response is built from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi.exceptions import RequestValidationError
 from mmstore_client.descriptor import Descriptor, ImageSpan
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import InferenceError
-from .settings import RUN_PATTERN
-
-# -- errors --------------------------------------------------------------------------------------
-
-
-class ChatError(Exception):
-    """An error of these endpoints, written as ``{"error": {message, type, param, code, ...}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        param: str | None = None,
-        retry_after: int | None = None,
-        **details: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-        self.retry_after = retry_after
-        self.details = details
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-            | self.details
-        }
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ChatError:
-    return ChatError(400, code, message, param)
-
-
-def unsupported(param: str, why: str) -> ChatError:
-    return ChatError(400, "unsupported_parameter", f"{param}: {why}", param)
-
-
-def from_inference(exc: InferenceError, locations: Sequence[str]) -> ChatError:
-    """The service's own error (same status and code), ``param`` naming the image's message part."""
-    image = exc.details.get("image")
-    param = locations[image] if isinstance(image, int) and 0 <= image < len(locations) else None
-    return ChatError(exc.status, exc.code, exc.message, param, exc.retry_after, **exc.details)
-
-
-def _param_of(loc: Sequence[Any]) -> str:
-    """``("body", "messages", 1, "content", "list[...]", 0, "text")`` -> ``messages[1].content[0].text``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part != "body":
-            out += f".{part}" if out else part
-    return out
-
-
-def validation_error(exc: RequestValidationError | ValidationError) -> ChatError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        return invalid(f"the body is not valid JSON: {first['msg']}")
-    param = _param_of(first["loc"]) or None
-    listed = [{"param": _param_of(e["loc"]), "msg": e["msg"]} for e in errors]
-    return ChatError(400, "invalid_request", f"{param or 'body'}: {first['msg']}", param, errors=listed)
-
+from ..settings import RUN_PATTERN
+from .errors import invalid, unsupported
 
 # -- request schemas -----------------------------------------------------------------------------
 
@@ -103,9 +36,20 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
+class VideoPart(BaseModel):
+    """Accepted by the schema so that the renderer refuses it by name (``video_unsupported``)
+    instead of a schema error that would not say videos are the reason."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["video_url", "video", "input_video"]
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -120,9 +64,9 @@ class ChatMessage(_Model):
         out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
         if isinstance(self.content, list):
             out["content"] = [
-                {"type": "text", "text": p.text}
-                if isinstance(p, TextPart)
-                else {"type": "image_url", "image_url": {"url": p.image_url.url}}
+                {"type": "image_url", "image_url": {"url": p.image_url.url}}
+                if isinstance(p, ImagePart)
+                else p.model_dump(exclude_none=True)
                 for p in self.content
             ]
         return out | {k: getattr(self, k) for k in ("name", "tool_call_id", "tool_calls") if getattr(self, k)}
@@ -165,6 +109,9 @@ class ChatCompletionRequest(_Model):
     top_k: int | None = Field(None, ge=-1, description="vLLM's extra parameter; 0 or -1: off")
     stop_token_ids: list[int] | None = Field(None, description="vLLM's extra parameter")
     return_token_ids: bool | None = Field(None, description="vLLM's; accepted, ids are always returned")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM's: extra variables for the chat template (e.g. enable_thinking)"
+    )
     mmstore: MmstoreOptions = Field(default_factory=MmstoreOptions)
     # accepted and ignored
     user: str | None = None

@@ -1,0 +1,59 @@
+"""Server-sent events of a chat completion (``stream=true``).
+
+The engine call is the checked generate path, which returns finished completions, so the events
+are written once the choices are decoded: per choice a role chunk, one chunk per token (its text
+delta, id and logprob), the last with the finish reason; then usage when asked for, then
+``[DONE]``. The first chunk also carries ``prompt_token_ids`` and ``mmstore``, as vLLM sends the
+ids. An error is an ordinary error response, never a broken stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .decoding import DecodedChoice
+from .schemas import ChoiceLogprobs, MmstoreInfo, Usage
+
+
+async def chunks(
+    head: dict,
+    choices: list[DecodedChoice],
+    logprobs: list[ChoiceLogprobs | None],
+    usage: Usage | None,
+    prompt_token_ids: list[int],
+    mmstore: MmstoreInfo,
+) -> AsyncIterator[str]:
+    def chunk(choices_: list[dict], **extra: Any) -> str:
+        data = head | {"object": "chat.completion.chunk", "choices": choices_} | extra
+        return f"data: {json.dumps(data)}\n\n"
+
+    for c, lp in zip(choices, logprobs, strict=True):
+        opening = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        if c.index == 0:
+            extra = {"mmstore": mmstore.model_dump(mode="json"), "prompt_token_ids": prompt_token_ids}
+            yield chunk([opening], **extra)
+        else:
+            yield chunk([opening])
+        lps = lp.model_dump()["content"] if lp is not None else None
+        last = len(c.ids) - 1
+        for k, (tok, delta) in enumerate(zip(c.ids, c.deltas, strict=True)):
+            yield chunk(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"content": delta},
+                        "logprobs": {"content": [lps[k]]} if lps is not None else None,
+                        "finish_reason": c.finish if k == last else None,
+                        "stop_reason": c.stop_reason if k == last else None,
+                        "token_ids": [tok],
+                    }
+                ]
+            )
+        if not c.ids:
+            closing = {"delta": {}, "finish_reason": c.finish, "stop_reason": c.stop_reason, "token_ids": []}
+            yield chunk([{"index": c.index, **closing}])
+    if usage is not None:
+        yield chunk([], usage=usage.model_dump())
+    yield "data: [DONE]\n\n"
