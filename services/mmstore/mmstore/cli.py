@@ -39,7 +39,8 @@ def _settings(**flags) -> Settings:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         for err in exc.errors():
-            console.print(f"[red]{'.'.join(map(str, err['loc']))}: {err['msg']}[/red]")
+            where = ".".join(map(str, err["loc"]))  # empty for a check across fields
+            console.print(f"{where}: {err['msg']}" if where else err["msg"], style="red", markup=False)
         raise typer.Exit(2) from None
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .storage.s3_layout import parse_url
@@ -79,10 +79,25 @@ class Settings(BaseSettings):
     def _parse_tokens(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        """An empty or blank token would match ``Authorization: Bearer `` and grant its scopes to
+        anyone (and, being configured, let the store bind a public address): refused at start-up."""
+        for token in self.token_scopes():
+            if not token or token != token.strip():
+                raise ValueError(
+                    f"token {token!r} in MMSTORE_TOKENS / MMSTORE_TOKENS_FILE is empty or has surrounding "
+                    "whitespace: use a non-blank token without spaces (e.g. `openssl rand -hex 32`)"
+                )
+        return self
+
     def token_scopes(self) -> dict[str, set[str]]:
         """Every token with its effective scopes (implied ones added)."""
         tokens = dict(self.tokens)
         if self.tokens_file:
-            tokens.update(json.loads(self.tokens_file.read_text()))
+            try:
+                tokens.update(json.loads(self.tokens_file.read_text()))
+            except OSError as exc:
+                raise ValueError(f"cannot read MMSTORE_TOKENS_FILE {self.tokens_file}: {exc}") from None
         implied = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}
         return {tok: set().union(*(implied[s] for s in scopes)) for tok, scopes in tokens.items()}

@@ -166,7 +166,7 @@ def _safe_next(url: str | None) -> str:
 
 
 def _check_run(run: str) -> str:
-    if not RUN_RE.match(run):
+    if not RUN_RE.fullmatch(run):
         raise NotFoundError(f"run {run[:140]!r} not found")
     return run
 
