@@ -3,12 +3,17 @@ bounds, each against a real `mmstore serve` process on loopback."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 from mmstore_client.digest import compute_digest, is_digest
-from support import VENV_BIN, image_bytes
+from support import VENV_BIN, image_bytes, store_process
 
 
 # As in test_store_api.py: tests taking `store` / `auth_store` run once per storage backend.
@@ -100,3 +105,176 @@ def test_range_with_huge_numbers(store):
     assert r.status_code == 206 and r.content == data
     r = httpx.get(url, headers={"range": f"bytes={'0' * 5000}1-2"})
     assert r.status_code == 206 and r.content == data[1:3]
+
+
+# -- bodies: read only after auth, always bounded -------------------------------------------------
+
+
+def send_head(port: int, head: str, body: bytes = b"", timeout: float = 10.0) -> socket.socket:
+    """A raw connection that sent ``head`` (CRLF line ends added) and ``body``, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(head.replace("\n", "\r\n").encode() + body)
+    return sock
+
+
+def response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The response on ``sock`` (socket.timeout if none comes within the socket's timeout)."""
+    r = http.client.HTTPResponse(sock)
+    r.begin()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (whatever it sends first is read)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+JSON_ROUTES = ["/v1/gc", "/v1/blobs:missing", "/v1/runs/r/blobs:link"]
+
+
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_anonymous_json_body_refused_before_it_is_read(auth_store, path):
+    """401 comes while the (declared 50 MB) body is still unsent: nothing of it was awaited."""
+    head = f"POST {path} HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 50000000\n\n"
+    sock = send_head(auth_store.port, head, b'{"digests": [' + b'"x",' * 256)
+    with sock:
+        status, _, body = response(sock)
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+
+
+def test_login_body_is_bounded(auth_store):
+    head = "POST /ui/login HTTP/1.1\nHost: x\nContent-Type: application/x-www-form-urlencoded\n"
+    sock = send_head(auth_store.port, head + "Content-Length: 400000000\n\n", b"token=" + b"a" * 1000)
+    with sock:
+        status, headers, body = response(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_json_body_over_limit_is_413(auth_store, path):
+    def chunks():  # no Content-Length: the bound holds while the body streams
+        yield b'{"digests": ['
+        for _ in range(40_000):  # 3 MB, over the default 2 MiB
+            yield b'"blake3:' + b"0" * 64 + b'",\n'
+        yield b"]}"
+
+    r = httpx.post(f"{auth_store.url}{path}", content=chunks(), headers={"authorization": "Bearer admin"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_json_routes_still_parse_and_validate(auth_store):
+    admin = {"authorization": "Bearer admin"}
+    r = httpx.post(f"{auth_store.url}/v1/blobs:missing", json={"digests": []}, headers=admin)
+    assert r.status_code == 200 and r.json() == {"missing": []}
+    r = httpx.post(f"{auth_store.url}/v1/blobs:missing", content=b"{not json", headers=admin)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    r = httpx.post(f"{auth_store.url}/v1/gc", json={"grace_seconds": -1}, headers=admin)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert httpx.post(f"{auth_store.url}/v1/gc", headers=admin).status_code == 200
+
+
+# -- time bounds: head, body, idle ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timed_store(tmp_path_factory):
+    """A store with 1-second head, body and keep-alive bounds."""
+    server = store_process(
+        tmp_path_factory.mktemp("timed") / "data",
+        head_timeout_seconds="1",
+        body_timeout_seconds="1",
+        keepalive_timeout_seconds="1",
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_silent_connection_is_closed(timed_store):
+    with socket.create_connection(("127.0.0.1", timed_store.port)) as sock:
+        assert closed_within(sock, 8)
+
+
+def test_trickled_head_is_closed(timed_store):
+    """A slowloris: one header byte every 0.2 s keeps the connection busy, not open."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    with socket.create_connection(("127.0.0.1", timed_store.port), timeout=1) as sock:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # BrokenPipe / ConnectionReset once the server closed it
+            for byte in head:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+                if time.monotonic() - started > 8:
+                    break
+            if not closed_within(sock, 0.5):
+                pytest.fail("the connection is still open after 8 s of trickled headers")
+            raise OSError("closed")  # closed_within saw the close
+
+
+def test_stalled_body_is_408_and_closed(timed_store):
+    data = image_bytes(seed=1604)
+    head = f"PUT /v1/runs/r/blobs/{compute_digest(data)} HTTP/1.1\nHost: x\nContent-Length: {len(data)}\n\n"
+    with send_head(timed_store.port, head, data[:-1]) as sock:
+        status, headers, body = response(sock)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        assert headers["connection"] == "close" and closed_within(sock, 5)
+    assert httpx.get(f"{timed_store.url}/v1/blobs/{compute_digest(data)}").status_code == 404
+
+
+def test_idle_keepalive_connection_is_closed(timed_store):
+    with send_head(timed_store.port, "GET /healthz HTTP/1.1\nHost: x\n\n") as sock:
+        assert response(sock)[0] == 200
+        assert closed_within(sock, 3)  # uvicorn's default is 5 s
+
+
+def test_slow_steady_body_is_not_cut(timed_store):
+    """The body bound is between reads: a body that keeps coming, slower than the bound in
+    total, is stored."""
+    data = image_bytes(seed=1605)
+    digest = compute_digest(data)
+
+    def chunks():
+        step = len(data) // 4 + 1
+        for i in range(0, len(data), step):
+            time.sleep(0.4)
+            yield data[i : i + step]
+
+    r = httpx.put(f"{timed_store.url}/v1/runs/r/blobs/{digest}", content=chunks())
+    assert r.status_code == 201, r.text
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_stalled_uploads_do_not_hold_their_bytes(store):
+    """6 uploads stalled one byte short of 20 MB: the server's memory does not hold 120 MB."""
+    if store.proc is None or not Path(f"/proc/{store.proc.pid}").exists():
+        pytest.skip("needs the server's /proc entry")
+    size, uploads = 20 << 20, 6
+    payload = bytes(size - 1)
+    before = rss_bytes(store.proc.pid)
+    socks = []
+    try:
+        for i in range(uploads):
+            head = f"POST /v1/runs/r{i}/blobs HTTP/1.1\nHost: x\nContent-Length: {size}\n\n"
+            socks.append(send_head(store.port, head, payload, timeout=30))
+        time.sleep(2)  # the server has read what the kernel took
+        grown = rss_bytes(store.proc.pid) - before
+    finally:
+        for sock in socks:
+            sock.close()
+    assert grown < size * uploads / 4, f"server grew {grown / 1e6:.0f} MB"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -76,6 +77,7 @@ def serve(
     """Run the HTTP service."""
     import uvicorn
 
+    from .timeouts import HeadTimeoutProtocol
     from .workers import serve as serve_workers
 
     settings = _settings(host=host, port=port, root=root, storage=storage, workers=workers)
@@ -110,6 +112,8 @@ def serve(
         workers=settings.workers,
         log_level=log_level,
         access_log=False,
+        http=functools.partial(HeadTimeoutProtocol, head_timeout=settings.head_timeout_seconds),
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
     )
     serve_workers(config)
 

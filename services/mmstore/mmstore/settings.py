@@ -38,6 +38,35 @@ class Settings(BaseSettings):
     )
     tokens_file: Path | None = Field(None, description="JSON file with the same mapping as tokens")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="413 above this, checked while streaming")
+    max_json_bytes: int = Field(
+        2 << 20,
+        ge=1,
+        description="413 above this for JSON and form bodies (blobs:missing, blobs:link, gc, /ui/login); "
+        "10,000 digests take about 0.8 MB",
+    )
+    spool_threshold_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="a request body past this many bytes is kept in a temporary file ($TMPDIR) while it "
+        "arrives, not in memory",
+    )
+    head_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a connection whose request line and headers are not all in within this (from the "
+        "connection's start, or its first byte after the previous response) is closed",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="408 request_timeout (and the connection closed) when a request body sends nothing "
+        "for this long; a slow body that keeps coming is not cut",
+    )
+    keepalive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="an idle keep-alive connection is closed after this (uvicorn: timeout_keep_alive)",
+    )
     max_image_pixels: int = Field(100_000_000, ge=1, description="422 image_too_large above this")
     gc_grace_seconds: float = Field(
         3600.0, ge=0, description="unreferenced blobs younger than this survive GC"

@@ -32,6 +32,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .. import __version__
+from ..bodies import read_body
 from ..errors import (
     ApiError,
     ForbiddenError,
@@ -192,7 +193,8 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 
 @pages.post("/login")
 async def login(request: Request) -> Response:
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    body = await read_body(request, request.app.state.settings.max_json_bytes)
+    form = parse_qs(body.decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     next_url = _safe_next((form.get("next") or [None])[0])
     try:
