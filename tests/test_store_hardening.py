@@ -278,3 +278,32 @@ def test_stalled_uploads_do_not_hold_their_bytes(store):
         for sock in socks:
             sock.close()
     assert grown < size * uploads / 4, f"server grew {grown / 1e6:.0f} MB"
+
+
+# -- metrics: counts are counters ------------------------------------------------------------------
+
+
+def test_store_counts_are_counters_with_total(store):
+    """Every monotonic count the store exports is a counter (``_total``: ``rate()`` works on it),
+    the viewer's thumbnail cache hits and misses included; no gauge holds a count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data = image_bytes(80, 60, seed=1606)
+    digest = compute_digest(data)
+    assert httpx.put(f"{store.url}/v1/runs/r/blobs/{digest}", content=data).status_code in (200, 201)
+    for _ in range(2):
+        assert httpx.get(f"{store.url}/ui/thumbs/{digest}?size=128", timeout=30).status_code == 200
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(httpx.get(f"{store.url}/metrics").text)
+        if f.name.startswith("mmstore_")
+    }
+    # (prometheus_client's ``<name>_created`` series are creation timestamps: gauges by design)
+    counts = {n: f for n, f in families.items() if not n.endswith("_created")}
+    assert {f.type for f in counts.values()} <= {"counter", "histogram"}
+    for what in ("hits", "misses", "evictions"):
+        family = families[f"mmstore_ui_thumbnail_cache_{what}"]
+        assert family.type == "counter"
+        assert [s.name for s in family.samples] == [f"mmstore_ui_thumbnail_cache_{what}_total"]
+    value = {w: families[f"mmstore_ui_thumbnail_cache_{w}"].samples[0].value for w in ("hits", "misses")}
+    assert value["hits"] >= 1 and value["misses"] >= 1
