@@ -11,8 +11,8 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
     ├── NotFoundError           404 not_found
     ├── RequestTimeoutError     408 request_timeout
     ├── PayloadTooLargeError    413 payload_too_large
-    ├── RangeNotSatisfiable     416 range_not_satisfiable
     ├── UnsupportedMediaError   415 unsupported_media_type
+    ├── RangeNotSatisfiable     416 range_not_satisfiable
     ├── DigestMismatchError     422 digest_mismatch
     ├── CorruptImageError       422 corrupt_image
     └── ImageTooLargeError      422 image_too_large
