@@ -6,6 +6,8 @@ whole store API suite also runs on it (test_store_api.py, test_store_client.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from conftest import s3_store_process
 from mmstore_client import StoreClient
 from mmstore_client.digest import compute_digest, digest_hex
 from mmstore_client.models import BlobInfo
+from PIL import Image
 from support import image_bytes, noise_png
 
 MMSTORE = str(Path(sys.executable).parent / "mmstore")
@@ -286,7 +289,8 @@ def test_an_upload_that_fails_its_decode_leaves_nothing_in_the_bucket(s3_server,
 
 
 def test_bytes_that_fail_their_check_are_withdrawn_from_a_racing_writers_run(s3_server, storage):
-    """Another replica deduplicates the bytes while the uploader's decode runs: both links go."""
+    """Another replica deduplicates the bytes while the uploader's decode runs (with a check of its
+    own, as a re-upload's): both links go."""
     from mmstore_client import decode
 
     cut = noise_png(200_000, seed=12)[:-5000]
@@ -294,7 +298,7 @@ def test_bytes_that_fail_their_check_are_withdrawn_from_a_racing_writers_run(s3_
     info = BlobInfo.of(digest, len(cut), decode.probe(cut))
 
     def check():
-        assert storage.link_existing("racer", digest) == info  # trusts bytes that exist
+        assert storage.link_existing("racer", digest, check=lambda: None) == info  # a lax replica
         decode.check_pixels(cut)
 
     with pytest.raises(decode.CorruptImage):
@@ -311,20 +315,104 @@ def test_bytes_that_fail_their_check_are_withdrawn_from_a_racing_writers_run(s3_
 def test_a_dedup_upload_checks_bytes_a_dead_replica_left_unchecked(s3_server, replicas):
     """A replica that died during its decode left the bytes unlinked: the next upload of them is
     decoded as well (its decode overlaps its requests) and withdraws them."""
-    from mmstore.storage.s3 import S3Storage
-    from mmstore_client import decode
-
     url, a, _ = replicas
     cut = noise_png(300_000, seed=14)[:-20_000]
-    digest, hexd = compute_digest(cut), digest_hex(compute_digest(cut))
-    dead = S3Storage(url, config=s3_server.config)
-    dead.guards.claim(hexd, new=True)
-    assert dead._create_blob(hexd, cut, BlobInfo.of(digest, len(cut), decode.probe(cut)))
+    digest = _left_by_a_dead_replica(s3_server, url, cut)
+    hexd = digest_hex(digest)
     r = httpx.put(f"{a.url}/v1/runs/again/blobs/{digest}", content=cut, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt_image", r.text
     assert _bucket_keys_of(s3_server, url, hexd) == []
     assert httpx.get(f"{a.url}/v1/runs/again").status_code == 404  # checked before any link
     assert httpx.get(f"{a.url}/v1/blobs/{digest}/info").status_code == 404
+
+
+def _left_by_a_dead_replica(s3_server, url: str, data: bytes) -> str:
+    """What a replica killed during an upload's decode leaves: the bytes, claimed, never marked
+    verified and linked nowhere (its decode had not answered)."""
+    from mmstore.storage.s3 import S3Storage
+    from mmstore_client import decode
+
+    digest, hexd = compute_digest(data), digest_hex(compute_digest(data))
+    dead = S3Storage(url, config=s3_server.config)
+    dead.guards.claim(hexd, new=True)
+    assert dead._create_blob(hexd, data, BlobInfo.of(digest, len(data), decode.probe(data)))
+    return digest
+
+
+def test_a_link_without_bytes_never_links_bytes_no_replica_verified(s3_server, replicas):
+    """The window the README documented: corrupt bytes a dying replica stored, then a
+    ``blobs:link`` of that digest through another replica (what StoreClient.put sends first).
+    The link decodes them itself: "missing", and they are withdrawn; the client's upload that
+    follows is refused 422."""
+    url, _, b = replicas
+    cut = noise_png(300_000, seed=17)[:-20_000]
+    digest = _left_by_a_dead_replica(s3_server, url, cut)
+    r = httpx.post(f"{b.url}/v1/runs/linker/blobs:link", json={"digests": [digest]}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"linked": [], "missing": [digest]}
+    assert _bucket_keys_of(s3_server, url, digest_hex(digest)) == []
+    assert httpx.get(f"{b.url}/v1/runs/linker").status_code == 404
+    with StoreClient(b.url) as client, pytest.raises(Exception) as refused:
+        client.put(cut, "linker")
+    assert getattr(refused.value, "code", None) == "corrupt_image", refused.value
+
+
+def test_a_replica_killed_during_its_decode_leaves_nothing_linkable(s3_server, tmp_path):
+    """The same window with a real replica: kill -9 once the upload's bytes are in the bucket and
+    its (slow: 90 megapixels) decode has not answered; a link through another replica refuses them."""
+    url = s3_server.bucket()
+    dying = s3_store_process(s3_server, url, tmp_path).start()
+    other = s3_store_process(s3_server, url, tmp_path).start()
+    try:
+        buf = io.BytesIO()
+        Image.new("L", (9500, 9500)).save(buf, format="PNG")
+        cut = buf.getvalue()[: len(buf.getvalue()) * 3 // 5]  # header intact, pixel data cut
+        digest, hexd = compute_digest(cut), digest_hex(compute_digest(cut))
+
+        def upload() -> None:
+            with contextlib.suppress(httpx.TransportError):  # its server dies under it
+                httpx.put(f"{dying.url}/v1/runs/dying/blobs/{digest}", content=cut, timeout=60)
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        deadline = time.monotonic() + 60
+        while f"blobs/{hexd}" not in keys(s3_server, url, "blobs/"):
+            assert time.monotonic() < deadline, "the upload's bytes never reached the bucket"
+            time.sleep(0.005)
+        dying.kill()
+        uploader.join()
+        assert f"blobs/{hexd}" in keys(s3_server, url, "blobs/")  # killed before its decode answered
+        r = httpx.post(f"{other.url}/v1/runs/linker/blobs:link", json={"digests": [digest]}, timeout=60)
+        assert r.status_code == 200 and r.json() == {"linked": [], "missing": [digest]}
+        assert _bucket_keys_of(s3_server, url, hexd) == []
+    finally:
+        dying.stop()
+        other.stop()
+
+
+def test_a_link_without_bytes_verifies_good_unmarked_bytes_once(s3_server, replicas):
+    """Good bytes a dying replica left unmarked are decoded by the first link, marked verified,
+    and linked; later links trust the marker."""
+    url, a, b = replicas
+    data = image_bytes(40, 30, seed=18)
+    digest = _left_by_a_dead_replica(s3_server, url, data)
+    hexd = digest_hex(digest)
+    assert f"verified/{hexd}" not in keys(s3_server, url, "verified/")
+    r = httpx.post(f"{b.url}/v1/runs/first/blobs:link", json={"digests": [digest]}, timeout=60)
+    assert [x["digest"] for x in r.json()["linked"]] == [digest]
+    assert f"verified/{hexd}" in keys(s3_server, url, "verified/")
+    r = httpx.post(f"{a.url}/v1/runs/second/blobs:link", json={"digests": [digest]}, timeout=60)
+    assert [x["digest"] for x in r.json()["linked"]] == [digest]
+    assert httpx.get(f"{a.url}/v1/blobs/{digest}").content == data
+
+
+def test_uploads_mark_blobs_verified_and_gc_removes_the_marker(s3_server, storage):
+    data = image_bytes(seed=19)
+    digest, hexd = compute_digest(data), digest_hex(compute_digest(data))
+    storage.put("r", digest, data, info_of(data), check=lambda: None)
+    assert keys(s3_server, storage.url, "verified/") == [f"verified/{hexd}"]
+    storage.delete_run("r")
+    assert storage.gc(0).deleted == 1
+    assert _bucket_keys_of(s3_server, storage.url, hexd) == []
 
 
 def test_a_failed_check_never_withdraws_bytes_a_run_links(s3_server, storage):

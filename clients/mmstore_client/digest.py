@@ -15,7 +15,8 @@ import blake3
 ALGORITHM = "blake3"
 REF_PREFIX = "mmstore://blobs/"
 
-_DIGEST_RE = re.compile(r"^blake3:[0-9a-f]{64}$")
+# matched with fullmatch: ``$`` would also match before a trailing newline
+_DIGEST_RE = re.compile(r"blake3:[0-9a-f]{64}")
 
 
 class InvalidDigest(ValueError):
@@ -49,7 +50,7 @@ class DigestHasher:
 
 
 def is_digest(value: str) -> bool:
-    return isinstance(value, str) and _DIGEST_RE.match(value) is not None
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
 
 
 def validate_digest(value: str) -> str:

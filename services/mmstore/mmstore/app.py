@@ -13,6 +13,7 @@ from .metrics import MetricsMiddleware, StoreMetrics
 from .routes import admin, blobs, health, runs, ui
 from .settings import Settings
 from .storage import open_storage
+from .timeouts import BodyTimeout
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.router)  # the viewer (/ui) and the rollout-metadata API
     # the last added middleware is the outermost: the fast path answers before the metrics
     # middleware (it counts its own requests), everything else is counted there.
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)  # inside: its 408 is counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.fast_blob_path:
         app.add_middleware(BlobFastPath, reader=reader, authorizer=authorizer, metrics=metrics)

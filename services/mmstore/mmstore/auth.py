@@ -26,6 +26,8 @@ class Authorizer:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
         presented = authorization[7:].strip().encode()
+        if not presented:  # configured tokens are never empty (Settings refuses them): no match
+            raise UnauthorizedError("empty bearer token (Authorization: Bearer <token>)")
         for token, scopes in self._tokens.items():
             if hmac.compare_digest(presented, token.encode()):
                 if scope not in scopes:

@@ -24,7 +24,9 @@ from .errors import InvalidDigestError, NotFoundError, RangeNotSatisfiable
 from .storage.base import Storage
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")  # fullmatch: ``$`` also matches before a newline
+# A position of more digits than this is past any blob (and int() refuses 4,300+ digits).
+_MAX_POSITION_DIGITS = 19
 _INLINE_READ = 1 << 20  # smaller files are read on the event loop (page-cache reads are ~us)
 
 
@@ -44,23 +46,31 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    m = _RANGE_RE.match(header.strip())
+    m = _RANGE_RE.fullmatch(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return None
-    first, last = m.group(1), m.group(2)
-    if first:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-        if last and int(last) < start:
+    first, last = _position(m.group(1)), _position(m.group(2))
+    if first is not None:
+        start = first
+        end = min(last, size - 1) if last is not None else size - 1
+        if last is not None and last < start:
             return None
     else:  # suffix range: the last N bytes
-        n = int(last)
+        n = last
         if n == 0:
             raise RangeNotSatisfiable("empty suffix range", size=size)
         start, end = max(0, size - n), size - 1
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, blob has {size} bytes", size=size)
     return start, end
+
+
+def _position(digits: str) -> int | None:
+    """A range position; one too long to be a position in any blob reads as 2**64."""
+    if not digits:
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_POSITION_DIGITS else 1 << 64
 
 
 class BlobReader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -39,7 +40,8 @@ def _settings(**flags) -> Settings:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         for err in exc.errors():
-            console.print(f"[red]{'.'.join(map(str, err['loc']))}: {err['msg']}[/red]")
+            where = ".".join(map(str, err["loc"]))  # empty for a check across fields
+            console.print(f"{where}: {err['msg']}" if where else err["msg"], style="red", markup=False)
         raise typer.Exit(2) from None
 
 
@@ -75,6 +77,7 @@ def serve(
     """Run the HTTP service."""
     import uvicorn
 
+    from .timeouts import HeadTimeoutProtocol
     from .workers import serve as serve_workers
 
     settings = _settings(host=host, port=port, root=root, storage=storage, workers=workers)
@@ -109,6 +112,8 @@ def serve(
         workers=settings.workers,
         log_level=log_level,
         access_log=False,
+        http=functools.partial(HeadTimeoutProtocol, head_timeout=settings.head_timeout_seconds),
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
     )
     serve_workers(config)
 

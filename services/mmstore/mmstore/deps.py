@@ -24,7 +24,7 @@ def require(scope: str):
 
 
 def valid_run(run: Annotated[str, Path(description="run id: [A-Za-z0-9][A-Za-z0-9._-]{0,127}")]) -> str:
-    if not RUN_RE.match(run):
+    if not RUN_RE.fullmatch(run):
         raise InvalidRunError(
             f"invalid run id {run[:140]!r}: expected [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}", run=run[:140]
         )

@@ -9,9 +9,10 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
     ├── UnauthorizedError       401 unauthorized
     ├── ForbiddenError          403 forbidden
     ├── NotFoundError           404 not_found
-    ├── RangeNotSatisfiable     416 range_not_satisfiable
+    ├── RequestTimeoutError     408 request_timeout
     ├── PayloadTooLargeError    413 payload_too_large
     ├── UnsupportedMediaError   415 unsupported_media_type
+    ├── RangeNotSatisfiable     416 range_not_satisfiable
     ├── DigestMismatchError     422 digest_mismatch
     ├── CorruptImageError       422 corrupt_image
     └── ImageTooLargeError      422 image_too_large
@@ -43,6 +44,7 @@ InvalidRequestError = _error("InvalidRequestError", 400, "invalid_request")
 UnauthorizedError = _error("UnauthorizedError", 401, "unauthorized")
 ForbiddenError = _error("ForbiddenError", 403, "forbidden")
 NotFoundError = _error("NotFoundError", 404, "not_found")
+RequestTimeoutError = _error("RequestTimeoutError", 408, "request_timeout")
 PayloadTooLargeError = _error("PayloadTooLargeError", 413, "payload_too_large")
 UnsupportedMediaError = _error("UnsupportedMediaError", 415, "unsupported_media_type")
 RangeNotSatisfiable = _error("RangeNotSatisfiable", 416, "range_not_satisfiable")
@@ -66,6 +68,11 @@ def error_response(exc: ApiError, headers: dict[str, str] | None = None) -> JSON
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+# The body was refused before it was all read: the connection is closed after the answer (uvicorn
+# does on ``connection: close``) rather than kept for the rest of a body nobody reads.
+_CLOSE_AFTER = {RequestTimeoutError.status, PayloadTooLargeError.status}
+
+
 def install_handlers(app: FastAPI, on_error: Callable[[str], None] = lambda code: None) -> None:
     """Register the handlers; ``on_error(code)`` is called for every error answered."""
 
@@ -73,6 +80,8 @@ def install_handlers(app: FastAPI, on_error: Callable[[str], None] = lambda code
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         on_error(exc.code)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status in _CLOSE_AFTER:
+            headers = {"connection": "close"}
         return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,4 +1,4 @@
-"""Upload handling: bounded body reading, digest verification, image validation, storing."""
+"""Upload handling: digest verification, image validation, storing (bodies: :mod:`.bodies`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Request
 from mmstore_client import decode
-from mmstore_client.digest import DigestHasher
 from mmstore_client.models import BlobInfo
 
-from .errors import DigestMismatchError, PayloadTooLargeError, from_image_error
+from .errors import DigestMismatchError, from_image_error
 from .metrics import StoreMetrics
 from .settings import Settings
 from .storage.base import PutResult, Storage
@@ -38,26 +36,6 @@ def _decode_pool(nice: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         os.cpu_count() or 2, thread_name_prefix="mmstore-verify", initializer=lower_priority
     )
-
-
-async def read_body(request: Request, limit: int, hasher: DigestHasher | None = None) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` (never fully buffered).
-
-    ``hasher`` (uploads) is fed each chunk as it arrives, so the digest is ready with the body.
-    """
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit}", limit=limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body is over the limit of {limit} bytes", limit=limit)
-        chunks.append(chunk)
-        if hasher is not None:
-            hasher.update(chunk)
-    return b"".join(chunks)  # one copy, no regrowing buffer
 
 
 def ingest(

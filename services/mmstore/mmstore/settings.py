@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .storage.s3_layout import parse_url
@@ -38,6 +38,35 @@ class Settings(BaseSettings):
     )
     tokens_file: Path | None = Field(None, description="JSON file with the same mapping as tokens")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="413 above this, checked while streaming")
+    max_json_bytes: int = Field(
+        2 << 20,
+        ge=1,
+        description="413 above this for JSON and form bodies (blobs:missing, blobs:link, gc, /ui/login); "
+        "10,000 digests take about 0.8 MB",
+    )
+    spool_threshold_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="a request body past this many bytes is kept in a temporary file ($TMPDIR) while it "
+        "arrives, not in memory",
+    )
+    head_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a connection whose request line and headers are not all in within this (from the "
+        "connection's start, or its first byte after the previous response) is closed",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="408 request_timeout (and the connection closed) when a request body sends nothing "
+        "for this long; a slow body that keeps coming is not cut",
+    )
+    keepalive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="an idle keep-alive connection is closed after this (uvicorn: timeout_keep_alive)",
+    )
     max_image_pixels: int = Field(100_000_000, ge=1, description="422 image_too_large above this")
     gc_grace_seconds: float = Field(
         3600.0, ge=0, description="unreferenced blobs younger than this survive GC"
@@ -79,10 +108,25 @@ class Settings(BaseSettings):
     def _parse_tokens(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        """An empty or blank token would match ``Authorization: Bearer `` and grant its scopes to
+        anyone (and, being configured, let the store bind a public address): refused at start-up."""
+        for token in self.token_scopes():
+            if not token or token != token.strip():
+                raise ValueError(
+                    f"token {token!r} in MMSTORE_TOKENS / MMSTORE_TOKENS_FILE is empty or has surrounding "
+                    "whitespace: use a non-blank token without spaces (e.g. `openssl rand -hex 32`)"
+                )
+        return self
+
     def token_scopes(self) -> dict[str, set[str]]:
         """Every token with its effective scopes (implied ones added)."""
         tokens = dict(self.tokens)
         if self.tokens_file:
-            tokens.update(json.loads(self.tokens_file.read_text()))
+            try:
+                tokens.update(json.loads(self.tokens_file.read_text()))
+            except OSError as exc:
+                raise ValueError(f"cannot read MMSTORE_TOKENS_FILE {self.tokens_file}: {exc}") from None
         implied = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}
         return {tok: set().union(*(implied[s] for s in scopes)) for tok, scopes in tokens.items()}

@@ -12,9 +12,10 @@ from fastapi.responses import StreamingResponse
 from mmstore_client.digest import DigestHasher, is_digest
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
 
+from ..bodies import json_body, read_body, read_json
 from ..deps import READ, WRITE, RunDep, StorageDep
 from ..errors import InvalidDigestError, NotFoundError
-from ..ingest import ingest, read_body
+from ..ingest import ingest
 
 router = APIRouter(prefix="/v1", tags=["blobs"])
 
@@ -118,13 +119,20 @@ async def get_blob(
     "/runs/{run}/blobs:link",
     dependencies=[WRITE],
     summary="Link already stored blobs to a run without sending bytes; reports those absent",
+    openapi_extra=json_body(MissingRequest),
 )
-def link_blobs(storage: StorageDep, run: RunDep, body: MissingRequest) -> LinkResponse:
-    linked, missing = [], []
-    for d in dict.fromkeys(body.digests):
-        info = storage.link_existing(run, _check_digest(d))
-        (linked.append(info) if info else missing.append(d))
-    return LinkResponse(linked=linked, missing=missing)
+async def link_blobs(request: Request, storage: StorageDep, run: RunDep) -> LinkResponse:
+    body = await read_json(request, MissingRequest)
+    digests = [_check_digest(d) for d in dict.fromkeys(body.digests)]
+
+    def link() -> LinkResponse:
+        linked, missing = [], []
+        for d in digests:
+            info = storage.link_existing(run, d)
+            (linked.append(info) if info else missing.append(d))
+        return LinkResponse(linked=linked, missing=missing)
+
+    return await run_in_threadpool(link)
 
 
 @router.get("/blobs/{digest}/info", dependencies=[READ], summary="A blob's metadata")
@@ -135,8 +143,14 @@ def blob_info(storage: StorageDep, digest: DigestPath) -> BlobInfo:
     return info
 
 
-@router.post("/blobs:missing", dependencies=[READ], summary="Which of these digests the store lacks")
-def missing(storage: StorageDep, body: MissingRequest) -> MissingResponse:
+@router.post(
+    "/blobs:missing",
+    dependencies=[READ],
+    summary="Which of these digests the store lacks",
+    openapi_extra=json_body(MissingRequest),
+)
+async def missing(request: Request, storage: StorageDep) -> MissingResponse:
+    body = await read_json(request, MissingRequest)
     for d in body.digests:
         _check_digest(d)
-    return MissingResponse(missing=storage.missing(body.digests))
+    return MissingResponse(missing=await run_in_threadpool(storage.missing, body.digests))

@@ -33,6 +33,7 @@ from mmstore_client.models import BlobInfo
 from mmstore_client.rollouts import ROLLOUTS_SUFFIX, RolloutDoc, RolloutInfo, RolloutPage, summarize
 from pydantic import ValidationError
 
+from ..bodies import read_body
 from ..deps import READ, WRITE, RunDep
 from ..errors import (
     DigestMismatchError,
@@ -41,7 +42,6 @@ from ..errors import (
     InvalidRunError,
     NotFoundError,
 )
-from ..ingest import read_body
 from ..storage.base import Storage
 
 JSON_MIME = "application/json"

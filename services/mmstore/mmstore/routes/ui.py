@@ -15,6 +15,7 @@ Knobs (until they join ``Settings``): ``MMSTORE_UI_THUMB_CACHE_BYTES``,
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .. import __version__
+from ..bodies import read_body
 from ..errors import (
     ApiError,
     ForbiddenError,
@@ -41,6 +43,7 @@ from ..errors import (
     UnsupportedMediaError,
     from_image_error,
 )
+from ..metrics import CountOf
 from ..storage.base import RUN_RE
 from ..thumbnails import MIME, SIZES, VERSION, ThumbnailCache
 from . import rollouts
@@ -66,6 +69,9 @@ class ViewerSettings(BaseSettings):
     page_size: int = Field(60, ge=1, le=500, description="blobs or rollouts per page")
 
 
+_VIEWER_MADE = threading.Lock()
+
+
 @dataclass
 class Viewer:
     settings: ViewerSettings
@@ -76,12 +82,25 @@ class Viewer:
         """The app's viewer state, made on first use (``create_app`` stays untouched)."""
         state = request.app.state
         viewer = getattr(state, "viewer", None)
-        if viewer is None:
+        if viewer is not None:
+            return viewer
+        with _VIEWER_MADE:  # pages run in threads: one viewer, its counters registered once
+            viewer = getattr(state, "viewer", None)
+            if viewer is not None:
+                return viewer
             settings = ViewerSettings()
             thumbs = ThumbnailCache(
                 state.storage, max_bytes=settings.thumb_cache_bytes, workers=settings.thumb_workers
             )
             viewer = state.viewer = cls(settings, thumbs)
+            for what in ("hits", "misses", "evictions"):  # exported from the viewer's first use
+                state.metrics.registry.register(
+                    CountOf(
+                        f"mmstore_ui_thumbnail_cache_{what}",
+                        f"thumbnail cache {what}",
+                        lambda what=what: getattr(thumbs, what),
+                    )
+                )
         return viewer
 
 
@@ -166,7 +185,7 @@ def _safe_next(url: str | None) -> str:
 
 
 def _check_run(run: str) -> str:
-    if not RUN_RE.match(run):
+    if not RUN_RE.fullmatch(run):
         raise NotFoundError(f"run {run[:140]!r} not found")
     return run
 
@@ -192,7 +211,8 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 
 @pages.post("/login")
 async def login(request: Request) -> Response:
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    body = await read_body(request, request.app.state.settings.max_json_bytes)
+    form = parse_qs(body.decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     next_url = _safe_next((form.get("next") or [None])[0])
     try:

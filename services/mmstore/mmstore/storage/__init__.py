@@ -15,7 +15,7 @@ def open_storage(settings: Settings) -> Storage:
     if settings.storage:
         from .s3 import S3Storage  # obstore is imported only when a bucket is used
 
-        return S3Storage(settings.storage)
+        return S3Storage(settings.storage, max_image_pixels=settings.max_image_pixels)
     from .local import LocalStorage
 
     return LocalStorage(settings.root, fsync=settings.fsync)

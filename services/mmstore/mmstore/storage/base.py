@@ -20,7 +20,8 @@ from typing import ClassVar
 
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
 
-RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# matched with fullmatch: ``$`` would also match before a trailing newline
+RUN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 Check = Callable[[], object]  # raises if the bytes must not be kept (see Storage.put)
 

@@ -16,17 +16,20 @@ number of them serve one bucket with no shared disk and no coordination:
   while uploads into that same run were still arriving);
 - an upload's full decode runs while its requests are in flight (the blob's PUT included) and
   answers before the blob is linked; bytes it rejects are withdrawn from the bucket and from every
-  run, unless a run linked them after an earlier check (:meth:`S3Storage._checked`);
+  run, unless a run linked them after an earlier check (:meth:`S3Storage._checked`); bytes it
+  accepts get a marker ``verified/<hex>``, and a link without bytes (``blobs:link``) of a blob
+  that has none decodes the blob first (:meth:`S3Storage._verify_stored`): bytes a replica stored
+  and died before its decode answered are never linked unchecked;
 - GC and uploads agree through each blob's guard (:mod:`.s3_guard`, where the reasoning is), so a
   blob linked by any live run is never deleted, also while another replica is linking it.
 
-Costs, in requests: a new blob about 7 (HEAD, guard, PUT, ref, link, counter, verify); linking a
-stored blob about 7 (HEAD twice, guard read, ref, link, counter, verify); a GET or HEAD one,
-streamed from the bucket (a GET of a large blob: none, redirected to the bucket); a page of a
-run's blobs one GET and one LIST (the BlobInfo is in the link's key); deleting a run with n
-links about 3n; GC one LIST per 1000 refs, blobs and guards, plus 6 per blob it deletes. A
-counter update is one conditional PUT against the counter this replica last saw, two more
-requests per conflict.
+Costs, in requests: a new blob about 8 (HEAD, guard, PUT, marker, ref, link, counter, verify);
+linking a stored blob about 8 (HEAD twice, marker HEAD, guard read, ref, link, counter, verify);
+a GET or HEAD one, streamed from the bucket (a GET of a large blob: none, redirected to the
+bucket); a page of a run's blobs one GET and one LIST (the BlobInfo is in the link's key);
+deleting a run with n links about 3n; GC one LIST per 1000 refs, blobs, guards and markers, plus
+7 per blob it deletes. A counter update is one conditional PUT against the counter this replica
+last saw, two more requests per conflict.
 
 Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL,
@@ -63,6 +66,7 @@ from .s3_layout import (
     QUARANTINE,
     REFS,
     RUNS,
+    VERIFIED,
     RunCounter,
     blob_attributes,
     blob_info,
@@ -75,6 +79,7 @@ from .s3_layout import (
     parse_url,
     ref_key,
     run_key,
+    verified_key,
 )
 
 log = logging.getLogger(__name__)
@@ -96,9 +101,16 @@ class S3Storage(Storage):
     remote: ClassVar[bool] = True
 
     def __init__(
-        self, url: str, *, config: dict[str, Any] | None = None, client_options: dict[str, Any] | None = None
+        self,
+        url: str,
+        *,
+        config: dict[str, Any] | None = None,
+        client_options: dict[str, Any] | None = None,
+        max_image_pixels: int = decode.DEFAULT_MAX_PIXELS,
     ) -> None:
-        """``config``: obstore S3 settings over the AWS_* environment (tests pass the endpoint here)."""
+        """``config``: obstore S3 settings over the AWS_* environment (tests pass the endpoint here).
+        ``max_image_pixels``: the pixel limit of the decode that checks an unverified blob."""
+        self.max_image_pixels = max_image_pixels
         self.url = url
         bucket, prefix = parse_url(url)
         endpoint = (config or {}).get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or ""
@@ -153,6 +165,42 @@ class S3Storage(Storage):
             )
         except AlreadyExistsError:
             return False
+        return True
+
+    def _mark_verified(self, hexd: str) -> None:
+        obstore.put(self.store, verified_key(hexd), b"", use_multipart=False)
+
+    def _is_verified(self, hexd: str) -> bool:
+        try:
+            obstore.get(self.store, verified_key(hexd), options={"head": True})
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _verify_stored(self, hexd: str, info: BlobInfo) -> bool:
+        """Check a stored blob that no replica marked verified, as its upload would have: its
+        digest and, for an image, the full decode. Marks it when it passes; withdraws it when it
+        fails and no run links it (a run's links passed a check when they were made, see
+        :meth:`_checked`). Whether it may be linked.
+
+        Only images are uploaded unmarked (their decode runs beside the upload); a blob of another
+        type (a rollout document) without a marker is reported absent, so its bytes come again.
+        """
+        if not info.mime.startswith("image/"):
+            return False
+        try:
+            data = bytes(obstore.get(self.store, blob_key(hexd)).bytes())
+        except FileNotFoundError:
+            return False
+        hasher = DigestHasher()
+        hasher.update(data)
+        if hasher.digest() != f"blake3:{hexd}":
+            return False  # corrupt in the bucket: fsck's to report and quarantine
+        try:
+            self._checked(hexd, lambda: decode.verify(data, max_pixels=self.max_image_pixels), withdraw=None)
+        except decode.ImageError:
+            return False
+        self._mark_verified(hexd)
         return True
 
     def _has_refs(self, hexd: str) -> bool:
@@ -231,6 +279,8 @@ class S3Storage(Storage):
     ) -> PutResult:
         hexd = digest_hex(digest)
         created = False
+        if check is None:  # the caller validated the bytes: marked before they are in the bucket
+            self._mark_verified(hexd)
         for attempt in range(_ROUNDS):
             etag = self.guards.claim(hexd, new=attempt == 0)
             stored = info if self._create_blob(hexd, data, info) else self._head(hexd)
@@ -240,6 +290,7 @@ class S3Storage(Storage):
             if check is not None:  # the decode ran while the bytes went up; before any link
                 self._checked(hexd, check, withdraw=True if stored is info else None)
                 check = None
+                self._mark_verified(hexd)
             self._link(run, stored)
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
                 return PutResult(stored, created=created)
@@ -249,6 +300,7 @@ class S3Storage(Storage):
         hexd = digest_hex(digest)
         if self._head(hexd) is None:  # the common case for new uploads: no claim, no write
             return None
+        verified = self._is_verified(hexd)
         linked: BlobInfo | None = None  # what the last round linked
         counted = False  # whether a round made the link (and counted it)
         for _ in range(_ROUNDS):
@@ -261,6 +313,13 @@ class S3Storage(Storage):
             if check is not None:
                 self._checked(hexd, check, withdraw=None)
                 check = None
+                if not verified:
+                    self._mark_verified(hexd)
+                    verified = True
+            elif not verified:  # stored by a replica that has not (yet) accepted the bytes
+                if not self._verify_stored(hexd, info):
+                    return None
+                verified = True
             counted = self._link(run, info) or counted
             linked = info
             if self.guards.verified(hexd, etag, lambda: self._head(hexd) is not None):
@@ -417,6 +476,15 @@ class S3Storage(Storage):
         # guards whose blob never came (a claim for an upload that failed) or is gone
         stray = [m["path"][len(guard_key("")) :] for m in self._list(guard_key(""))]
         self._map(lambda h: self._drop_stray_guard(h, cutoff), [h for h in stray if h not in blobs])
+        # markers whose blob never came (its upload died) or is gone: a marker is only ever a
+        # shortcut (a blob without one is checked before it is linked), so dropping one is safe
+        markers = [
+            m["path"]
+            for m in self._list(VERIFIED)
+            if m["path"][len(VERIFIED) :] not in blobs and m["last_modified"].timestamp() <= cutoff
+        ]
+        for i in range(0, len(markers), 1000):
+            obstore.delete(self.store, markers[i : i + 1000])
         return GcReport(
             deleted=len(deleted),
             bytes_freed=sum(m["size"] for m in deleted),

@@ -69,7 +69,7 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from ..errors import ApiError
-from .s3_layout import blob_key, guard_key
+from .s3_layout import blob_key, guard_key, verified_key
 
 LIVE, CONDEMNED, DELETING = "live", "condemned", "deleting"
 FRESH = 60.0  # a live guard used more recently than this is not rewritten by a claim
@@ -137,8 +137,10 @@ class Guards:
         return put["e_tag"]
 
     def finish_delete(self, hexd: str) -> None:
-        """Complete a committed deletion (``deleting`` guard): the blob, then the guard."""
+        """Complete a committed deletion (``deleting`` guard): the blob, its verified marker, then
+        the guard (writers wait for the guard to go, so none marks the bytes anew meanwhile)."""
         obstore.delete(self.store, blob_key(hexd))
+        obstore.delete(self.store, verified_key(hexd))
         obstore.delete(self.store, guard_key(hexd))
 
     def claim(self, hexd: str, *, new: bool = False, refresh: bool = False) -> str | None:

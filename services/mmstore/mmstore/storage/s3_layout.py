@@ -6,6 +6,9 @@
                                  (Content-Type, x-amz-meta-mmstore-{format,width,height}), so HEAD
                                  and /info never download a blob
     guards/<hex>                 the blob's guard: live / condemned / deleting (see s3_guard.py)
+    verified/<hex>               empty: some replica decoded these bytes and accepted them (or its
+                                 caller had validated them); a blob without it is linked only after
+                                 the linking replica has checked it itself
     refs/<hex>/<run>             empty: "run links this blob"; what GC lists to find live blobs
     links/<run>/<hex>.<info>     empty: the same link, listed per run in digest order; the key
                                  carries the BlobInfo, so one LIST answers a page of a run's blobs
@@ -32,6 +35,7 @@ REFS = "refs/"
 LINKS = "links/"
 RUNS = "runs/"
 QUARANTINE = "quarantine/"
+VERIFIED = "verified/"
 
 META_FORMAT = "mmstore-format"
 META_WIDTH = "mmstore-width"
@@ -55,6 +59,10 @@ def blob_key(hexd: str) -> str:
 
 def guard_key(hexd: str) -> str:
     return GUARDS + hexd
+
+
+def verified_key(hexd: str) -> str:
+    return VERIFIED + hexd
 
 
 def ref_key(hexd: str, run: str) -> str:
