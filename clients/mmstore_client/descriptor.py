@@ -95,6 +95,8 @@ class _Strict(BaseModel):
 
 
 Digest = Annotated[str, StringConstraints(pattern=r"^blake3:[0-9a-f]{64}$")]
+# an index into a vocabulary; sample files store them as int32
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 LayoutScalar = int | float | str | bool | None
 
 
@@ -142,7 +144,7 @@ class Sample(_Strict):
 
     version: Literal[1] = SAMPLE_VERSION
     sample_id: str
-    token_ids: list[int]
+    token_ids: list[TokenId]
     loss_mask: list[bool]
     advantages: list[float] | float
     logprobs: list[float]
