@@ -7,6 +7,11 @@ real ``mmstore-inference serve`` on a truncated copy of the tiny checkpoint.
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
+import httpx
 from mmstore_client import AsyncStoreClient, ByteCache, StoreClient, decode
 from mmstore_client.descriptor import Descriptor
 from mmstore_inference.fetch import DecodedCache, ImageFetcher
@@ -71,3 +76,29 @@ async def test_fetch_and_cache_counts_are_counters(store):
     assert after["mmstore_inference_decodes_total"] == 1
     assert after["mmstore_inference_decoded_cache_hits_total"] == 1
     assert after["mmstore_inference_byte_cache_hits_total"] == 1
+
+
+def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tiny_qwen2_vl, store, tmp_path):
+    from conftest import inference_process
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(tiny_qwen2_vl, broken)
+    weights = broken / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a copy cut short, as a full disk leaves it
+    server = inference_process(broken, store.url, tmp_path)
+    try:
+        server.start(timeout=300)  # /healthz answers while the engine loads
+        ready = httpx.get(f"{server.url}/readyz", timeout=5)
+        if ready.status_code == 503 and server.proc.poll() is None:  # unless it has already failed
+            error = ready.json()["error"]
+            assert error["code"] == "engine_unavailable" and error["state"] in ("starting", "failed")
+            assert str(broken) in error["message"] or "failed to start" in error["message"]
+        deadline = time.monotonic() + 600
+        while server.proc.poll() is None:
+            assert time.monotonic() < deadline, f"still running with a truncated checkpoint, see {server.log}"
+            time.sleep(1)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 1
+    log = server.log.read_text(errors="replace")
+    assert f"the vLLM engine could not start for {broken}" in log, log[-3000:]
