@@ -206,14 +206,16 @@ def test_base64_images_are_refused_wherever_they_are(fmt):
     def part(p: dict) -> list[dict]:
         return [{"role": "user", "content": [p]}]
 
-    places = {
-        "$[0].content": [{"role": "tool", "content": b64}],
-        "$[0].content[0].text": part({"type": "text", "text": wrapped}),
-        "$[0].content[0].image_url.url": part({"type": "image_url", "image_url": {"url": b64}}),
-        "$[0].content[0].image": part({"type": "image", "image": b64}),
-        "$[0].content[0].image_url": part({"type": "input_image", "image_url": b64}),
-    }
-    for path, messages in places.items():
+    places = [
+        ("$[0].content", [{"role": "tool", "content": b64}]),
+        ("$[0].content[0].text", part({"type": "text", "text": wrapped})),
+        ("$[0].content[0].image_url.url", part({"type": "image_url", "image_url": {"url": b64}})),
+        ("$[0].content[0].image", part({"type": "image", "image": b64})),
+        ("$[0].content[0].image_url", part({"type": "input_image", "image_url": b64})),
+        ("$[0].content[0].text", part({"type": "text", "text": f"the chart: {b64} as you asked"})),
+        ("$[0].content", [{"role": "tool", "content": json.dumps({"ok": True, "png": b64})}]),
+    ]
+    for path, messages in places:
         with pytest.raises(ProcessedPayloadError) as exc:
             reject_processed(messages)
         assert exc.value.path == path

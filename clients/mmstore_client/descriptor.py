@@ -9,8 +9,9 @@ error naming the path, so that nobody quietly ships 20 MB tensors through the ro
 are recognised by what they are, never by the alphabet of free text (a tool's listing of numbers
 or hex digests is text): keys that only hold processed data (``pixel_values``, ``image_embeds``
 and kin), arrays and tensors, arrays of arrays of numbers (a tensor written out as JSON), inline
-``data:`` URIs, base64 in the fields that hold images, and base64 anywhere that decodes to an
-image file (its format's signature).
+``data:`` URIs, base64 in the fields that hold images, and base64 anywhere (a whole string, or
+a run of 64+ characters inside text or a JSON string) that decodes to an image file, by its
+format's signature.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ _PLAIN_NUMBERS = {int, float, bool}
 _DATA_URI = re.compile(r"^data:[^,]{0,100};base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _BASE64_IN_IMAGE_FIELD = 64  # characters: shorter strings are names or paths, not image files
+# where base64 can start, and long enough (48 bytes) to be an image file rather than a word or path
+_BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{64,}")
 _BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
 
 
@@ -84,13 +87,16 @@ def _base64_bytes(text: str) -> int | None:
 
 
 def _base64_image(text: str) -> str | None:
-    """The format of the image file that ``text`` is the base64 of, or None."""
-    head = _WHITESPACE.sub("", text[:64])[:24]  # 18 bytes: every signature above
-    try:
-        fmt = _image_format(base64.b64decode(head[: len(head) // 4 * 4], validate=True))
-    except (binascii.Error, ValueError):
-        return None
-    return fmt if fmt and _base64_bytes(text) else None
+    """The format of an image file written as base64 inside ``text`` (whole, or a run of it, as in
+    prose or a JSON string), by the signature its first bytes decode to; None if there is none."""
+    for run in _BASE64_RUN.finditer(text):
+        try:
+            fmt = _image_format(base64.b64decode(run.group()[:24], validate=True))  # 18 bytes
+        except (binascii.Error, ValueError):
+            continue
+        if fmt:
+            return fmt
+    return None
 
 
 def _nested_numbers(obj: list | tuple) -> int:
