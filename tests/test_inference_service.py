@@ -76,6 +76,11 @@ async def test_fetch_and_cache_counts_are_counters(store):
     assert after["mmstore_inference_decodes_total"] == 1
     assert after["mmstore_inference_decoded_cache_hits_total"] == 1
     assert after["mmstore_inference_byte_cache_hits_total"] == 1
+    # the rollout loop's per-replica report reads these names
+    from mmstore_rollout.stats import REPLICA_METRICS
+
+    ours = [n for n in REPLICA_METRICS.values() if n.startswith("mmstore_inference_") and "requests" not in n]
+    assert ours and all(name in after for name in ours), set(ours) - after.keys()
 
 
 def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tiny_qwen2_vl, store, tmp_path):
