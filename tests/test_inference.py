@@ -82,7 +82,7 @@ def test_greedy_is_deterministic_and_n_samples(client):
 def test_five_turn_conversation_fetches_each_image_once(client, store):
     store_client, renderer, inf = client
     before = httpx.get(f"{inf.url}/metrics").text
-    fetches_before = _metric(before, "mmstore_inference_store_fetches")
+    fetches_before = _metric(before, "mmstore_inference_store_fetches_total")
     images = [noise_png(4000, seed=100 + i) for i in range(5)]
     messages = [user("turn 0", images[0])]
     rendered = renderer.render(offload_messages(messages, store_client, RUN))
@@ -105,7 +105,7 @@ def test_five_turn_conversation_fetches_each_image_once(client, store):
             new = offload_messages([user(f"turn {turn + 1}", images[turn + 1], images[0])], store_client, RUN)
             rendered = renderer.bridge(after, new)
     after_metrics = httpx.get(f"{inf.url}/metrics").text
-    assert _metric(after_metrics, "mmstore_inference_store_fetches") - fetches_before == 5, (
+    assert _metric(after_metrics, "mmstore_inference_store_fetches_total") - fetches_before == 5, (
         "one fetch per digest"
     )
     assert max(cached[1:]) >= 128, f"vLLM's prefix cache should serve earlier turns: {cached}"

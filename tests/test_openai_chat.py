@@ -417,6 +417,16 @@ def test_request_errors(client, model, store_client):
     assert create(client, model, [user("still serving", img)]).choices
 
 
+def test_long_tool_output_is_text_and_a_base64_image_is_refused(client, model):
+    """Free text of any alphabet is a prompt; an image written out as base64 text is not."""
+    numbers = " ".join(str(i) for i in range(1, 1100))  # 4,387 characters of [0-9 ]
+    resp = create(client, model, [user("count"), {"role": "assistant", "content": "ok"}, user(numbers)])
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    b64 = base64.b64encode(image_bytes(40, 40, seed=51)).decode()
+    refused = lambda: create(client, model, [user(b64)])  # noqa: E731
+    _raises(openai.BadRequestError, refused, "processed_payload", "messages")
+
+
 def test_corrupt_asset_and_store_unavailable(client, model, store_client, store):
     from mmstore_client.digest import digest_hex
 

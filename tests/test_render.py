@@ -155,3 +155,21 @@ def test_image_tokens_in_text_refused(tiny_qwen2_vl):
     with pytest.raises(RenderError) as exc:
         renderer.render([{"role": "user", "content": [img("/tmp/local.png")]}])
     assert exc.value.code == "not_a_ref"
+
+
+def test_long_plain_text_renders_and_base64_images_do_not(tiny_qwen2_vl):
+    import base64
+
+    images = Images()
+    renderer = Renderer.from_pretrained(tiny_qwen2_vl, images.__getitem__)
+    listing = "\n".join(f"{i:08x}  {i * 2654435761 % 2**32:08x}" for i in range(400))  # 7,599 chars, hex
+    messages = [
+        {"role": "user", "content": [img(images.add(64, 64, 5)), {"type": "text", "text": "list it"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "tool", "content": listing},
+    ]
+    rendered = renderer.render(messages)
+    assert renderer.tokenizer.decode(rendered.token_ids).count(listing) == 1
+    b64 = base64.b64encode(image_bytes(40, 40, "JPEG", seed=4)).decode()
+    with pytest.raises(ProcessedPayloadError, match="JPEG"):
+        renderer.render([*messages, {"role": "tool", "content": b64}])

@@ -72,6 +72,20 @@ def test_compose_config_is_the_generated_one_and_nginx_accepts_it(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+@needs_nginx
+def test_balancer_starts_in_a_relative_run_folder(tmp_path, monkeypatch):
+    """`make smoke REPLICAS=2` runs with the default relative ``--out runs/smoke``: nginx (which
+    reads ``-c`` and every path of its configuration relative to ``-p``) must still find its files."""
+    monkeypatch.chdir(tmp_path)
+    with Stack(Path("runs/smoke/services")) as stack:  # as run_smoke builds it from the default --out
+        balancer = stack.start_balancer(["http://127.0.0.1:9", "http://127.0.0.1:10"])
+        stack.wait_ready(balancer, 30)
+        assert httpx.get(f"{balancer.url}{lb.HEALTH_PATH}", timeout=5).text == "ok\n"
+        assert balancer.access_log == tmp_path / "runs/smoke/services/balancer/access.log"
+    assert (tmp_path / "runs/smoke/services/balancer/nginx.conf").is_file()
+    assert not (tmp_path / "runs/smoke/services/balancer/runs").exists()
+
+
 def test_access_log_counts_retries_and_no_replica(tmp_path):
     log = tmp_path / "access.log"
     rows = [  # as nginx writes them (escape=json)

@@ -9,7 +9,9 @@ scripted stand-in for the inference service (no vLLM here; ``test_smoke`` runs t
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import time
@@ -104,6 +106,20 @@ def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
 
 
 # -- the rollout-metadata API ---------------------------------------------------------------
+async def test_rollout_documents_keep_long_tool_output_and_refuse_base64_images(local):
+    doc = a_doc([])
+    turn = doc.turns[0]
+    digests = "\n".join(compute_digest(bytes([i])).removeprefix("blake3:") for i in range(64))  # 4,159 chars
+    long = doc.model_copy(update={"turns": [turn.model_copy(update={"prompt": turn.prompt + digests})]})
+    r = await local.post("/v1/runs/rl/rollouts", content=long.model_dump_json())
+    assert r.status_code == 201, r.text
+    b64 = base64.b64encode(image_bytes(40, 40, seed=3)).decode()
+    bad = long.model_dump(mode="json")
+    bad["turns"][0]["prompt"] = b64
+    r = await local.post("/v1/runs/rl/rollouts", content=json.dumps(bad))
+    assert r.status_code in (400, 422) and "processed image payload" in r.text, r.text
+
+
 async def test_rollout_documents_roundtrip_in_a_companion_run(local):
     images = [image_bytes(64, 48, seed=1), image_bytes(30, 90, seed=2)]
     for data in images:

@@ -4,13 +4,20 @@ A :class:`Descriptor` is the raw multimodal item: which bytes (digest), what the
 oriented width/height), and how the model family lays them out (family, layout config and its
 fingerprint, grid, placeholder token count). About 200 bytes of JSON; never pixels.
 
-Processed payloads (``pixel_values``, ``image_embeds``, ``image_features``, tensors, arrays,
-base64 pixel data) are refused anywhere in a descriptor, a message list or a sample, with an
-error naming the path, so that nobody quietly ships 20 MB tensors through the rollout path.
+Processed payloads are refused anywhere in a descriptor, a message list or a sample, with an
+error naming the path, so that nobody quietly ships 20 MB tensors through the rollout path. They
+are recognised by what they are, never by the alphabet of free text (a tool's listing of numbers
+or hex digests is text): keys that only hold processed data (``pixel_values``, ``image_embeds``
+and kin), arrays and tensors, arrays of arrays of numbers (a tensor written out as JSON), inline
+``data:`` URIs, base64 in the fields that hold images, and base64 anywhere (a whole string, or
+a run of 64+ characters inside text or a JSON string) that decodes to an image file, by its
+format's signature.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, Literal
 
@@ -34,9 +41,78 @@ PROCESSED_KEYS = frozenset(
         "mm_embeds",
     }
 )
+# keys whose value is an image (a string, or ``{"url": ...}``): an mmstore ref, a URL or, before
+# offload, a data URI; never bare base64 (chat parts, the Responses API, HF/vLLM-style parts)
+IMAGE_KEYS = frozenset({"image_url", "image", "input_image", "image_base64", "b64_json"})
+# arrays of arrays of numbers with this many numbers or more are tensors written out as JSON
+# (layout configs hold a few small ones, e.g. LLaVA's grid pinpoints)
+NESTED_NUMBERS_LIMIT = 1024
 _PLAIN_NUMBERS = {int, float, bool}
-_BASE64_RUN = re.compile(r"^[A-Za-z0-9+/=\s]{4096,}$")
 _DATA_URI = re.compile(r"^data:[^,]{0,100};base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_BASE64_IN_IMAGE_FIELD = 64  # characters: shorter strings are names or paths, not image files
+# where base64 can start, and long enough (48 bytes) to be an image file rather than a word or path
+_BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{64,}")
+_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
+
+
+def _image_format(head: bytes) -> str | None:
+    """The image format whose file starts with ``head`` (18 bytes suffice), by its signature."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if (
+        head.startswith(b"BM")
+        and len(head) >= 18
+        and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
+    ):
+        return "BMP"
+    return None
+
+
+def _base64_bytes(text: str) -> int | None:
+    """How many bytes ``text`` is the base64 of (whitespace ignored, as in wrapped base64), or None."""
+    compact = _WHITESPACE.sub("", text)
+    try:
+        return len(base64.b64decode(compact, validate=True)) if compact else None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _base64_image(text: str) -> str | None:
+    """The format of an image file written as base64 inside ``text`` (whole, or a run of it, as in
+    prose or a JSON string), by the signature its first bytes decode to; None if there is none."""
+    for run in _BASE64_RUN.finditer(text):
+        try:
+            fmt = _image_format(base64.b64decode(run.group()[:24], validate=True))  # 18 bytes
+        except (binascii.Error, ValueError):
+            continue
+        if fmt:
+            return fmt
+    return None
+
+
+def _nested_numbers(obj: list | tuple) -> int:
+    """How many numbers an array of arrays of numbers holds; 0 for anything else."""
+    if not obj or not all(isinstance(x, list | tuple) for x in obj):
+        return 0
+    total = 0
+    for row in obj:
+        if row and set(map(type, row)) <= _PLAIN_NUMBERS:
+            total += len(row)
+        else:
+            inner = _nested_numbers(row)
+            if not inner:
+                return 0
+            total += inner
+    return total
 
 
 class ProcessedPayloadError(ValueError):
@@ -51,7 +127,9 @@ class ProcessedPayloadError(ValueError):
         self.path = path
 
 
-def reject_processed(obj: Any, path: str = "$", *, allow_data_uris: bool = False) -> None:
+def reject_processed(
+    obj: Any, path: str = "$", *, allow_data_uris: bool = False, _image: bool = False
+) -> None:
     """Raise :class:`ProcessedPayloadError` for any processed payload inside ``obj`` (recursive).
 
     ``allow_data_uris`` admits ``data:image/...;base64,`` URLs (the input of offload, before
@@ -62,17 +140,24 @@ def reject_processed(obj: Any, path: str = "$", *, allow_data_uris: bool = False
             sub = f"{path}.{key}"
             if key in PROCESSED_KEYS:
                 raise ProcessedPayloadError(sub, f"key {key!r}")
-            reject_processed(value, sub, allow_data_uris=allow_data_uris)
+            image = key in IMAGE_KEYS or (_image and key == "url")
+            reject_processed(value, sub, allow_data_uris=allow_data_uris, _image=image)
     elif isinstance(obj, list | tuple):
         if obj and set(map(type, obj)) <= _PLAIN_NUMBERS:  # token ids, masks, logprobs: fast path
             return
+        numbers = _nested_numbers(obj)
+        if numbers >= NESTED_NUMBERS_LIMIT:
+            raise ProcessedPayloadError(path, f"nested array of {numbers} numbers (a tensor as JSON)")
         for i, value in enumerate(obj):
             reject_processed(value, f"{path}[{i}]", allow_data_uris=allow_data_uris)
     elif isinstance(obj, str):
-        if _DATA_URI.match(obj) and not allow_data_uris:
-            raise ProcessedPayloadError(path, "inline base64 data URI")
-        if len(obj) >= 4096 and _BASE64_RUN.match(obj[:8192]):
-            raise ProcessedPayloadError(path, f"base64-like string of {len(obj)} characters")
+        if _DATA_URI.match(obj):
+            if not allow_data_uris:
+                raise ProcessedPayloadError(path, "inline base64 data URI")
+        elif _image and len(obj) >= _BASE64_IN_IMAGE_FIELD and _base64_bytes(obj):
+            raise ProcessedPayloadError(path, f"base64 of {len(obj)} characters where an image ref belongs")
+        elif fmt := _base64_image(obj):
+            raise ProcessedPayloadError(path, f"a base64 {fmt} image of {len(obj)} characters")
     elif isinstance(obj, bytes | bytearray | memoryview):
         raise ProcessedPayloadError(path, f"raw bytes ({len(obj)})")
     elif hasattr(obj, "__array__") or hasattr(obj, "__array_interface__") or type(obj).__name__ == "Tensor":
@@ -95,6 +180,8 @@ class _Strict(BaseModel):
 
 
 Digest = Annotated[str, StringConstraints(pattern=r"^blake3:[0-9a-f]{64}$")]
+# an index into a vocabulary; sample files store them as int32
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 LayoutScalar = int | float | str | bool | None
 
 
@@ -142,7 +229,7 @@ class Sample(_Strict):
 
     version: Literal[1] = SAMPLE_VERSION
     sample_id: str
-    token_ids: list[int]
+    token_ids: list[TokenId]
     loss_mask: list[bool]
     advantages: list[float] | float
     logprobs: list[float]

@@ -208,7 +208,13 @@ class BalancerFiles:
 
 
 def write_local_config(workdir: Path, replica_urls: list[str], port: int) -> BalancerFiles:
-    """Write ``workdir/nginx.conf`` for these replicas; check it with ``nginx -t``."""
+    """Write ``workdir/nginx.conf`` for these replicas; check it with ``nginx -t``.
+
+    ``workdir`` must be absolute: nginx resolves ``-c`` and the paths inside the configuration
+    against its ``-p`` prefix, so a relative one would be applied twice.
+    """
+    if not workdir.is_absolute():
+        raise ValueError(f"the balancer's folder must be an absolute path, got {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / "tmp" / kind).mkdir(parents=True, exist_ok=True)

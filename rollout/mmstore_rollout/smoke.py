@@ -113,9 +113,9 @@ def _service_counters(store_url: str, inference_urls: list[str]) -> tuple[dict, 
         "bytes_out": metric(s, "mmstore_bytes_out_total"),
     }
     names = {
-        "store_fetches": "mmstore_inference_store_fetches",
-        "byte_cache_hits": "mmstore_inference_byte_cache_hits",
-        "decoded_cache_hits": "mmstore_inference_decoded_cache_hits",
+        "store_fetches": "mmstore_inference_store_fetches_total",
+        "byte_cache_hits": "mmstore_inference_byte_cache_hits_total",
+        "decoded_cache_hits": "mmstore_inference_decoded_cache_hits_total",
         "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
         "mm_cache_hits": "vllm:mm_cache_hits_total",
         "placeholder_mismatch_errors": 'mmstore_inference_requests_total{code="placeholder_mismatch"}',

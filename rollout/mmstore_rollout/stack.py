@@ -70,7 +70,9 @@ class ServiceFailed(RuntimeError):
 
 class Stack:
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+        # absolute once, here: every file below it is handed to processes (nginx reads its -c and
+        # every path in its configuration relative to its -p prefix, not to our working directory)
+        self.workdir = workdir.resolve()
         self.services: list[Service] = []
         workdir.mkdir(parents=True, exist_ok=True)
 

@@ -49,11 +49,11 @@ class LoopStats:
 REPLICA_METRICS = {
     "requests": "mmstore_inference_requests_total",
     "ok": 'mmstore_inference_requests_total{code="ok"}',
-    "store_fetches": "mmstore_inference_store_fetches",
-    "bytes_fetched": "mmstore_inference_bytes_fetched",
-    "byte_cache_hits": "mmstore_inference_byte_cache_hits",
-    "byte_cache_misses": "mmstore_inference_byte_cache_misses",
-    "decoded_cache_hits": "mmstore_inference_decoded_cache_hits",
+    "store_fetches": "mmstore_inference_store_fetches_total",
+    "bytes_fetched": "mmstore_inference_fetched_bytes_total",
+    "byte_cache_hits": "mmstore_inference_byte_cache_hits_total",
+    "byte_cache_misses": "mmstore_inference_byte_cache_misses_total",
+    "decoded_cache_hits": "mmstore_inference_decoded_cache_hits_total",
     "prefix_cache_hits": "vllm:prefix_cache_hits_total",  # tokens
     "prefix_cache_queries": "vllm:prefix_cache_queries_total",
     "mm_cache_hits": "vllm:mm_cache_hits_total",  # vLLM's multimodal processor cache

@@ -6,10 +6,12 @@ fields are refused with the file and record named.
 
 Parquet layout (one row a sample): the long per-token arrays are native list columns
 (``token_ids`` int32, ``loss_mask`` bool, ``logprobs`` and ``advantages`` float64), so they stay
-compact and columnar; the small nested records whose keys evolve with the schema
-(``descriptors``, ``image_spans``, ``meta``) are JSON strings. Per-sample advantages go to the
-``advantage`` column and per-token ones to ``advantages`` (the other is null), so a one-token
-sample round-trips as what it was.
+compact and columnar; ``pixel_digests`` is a list of strings; the small nested records whose keys
+evolve with the schema (``descriptors``, ``image_spans``, ``meta``) are JSON strings. Per-sample
+advantages go to the ``advantage`` column and per-token ones to ``advantages`` (the other is
+null), so a one-token sample round-trips as what it was. Every field of ``Sample`` must have its
+column: writing a sample with a field the layout lacks raises (Arrow would drop it silently).
+Files written before a column existed read with that field's default.
 """
 
 from __future__ import annotations
@@ -55,13 +57,17 @@ def write_samples(path: str | Path, samples: Iterable[Sample]) -> int:
     suffix = _suffix(path)
     tmp = path.with_name(f".{path.name}.tmp")
     rows = list(samples)
-    if suffix == ".jsonl":
-        with tmp.open("w", encoding="utf-8") as f:
-            for sample in rows:
-                f.write(sample.model_dump_json() + "\n")
-    else:
-        _write_parquet(tmp, rows)
-    tmp.replace(path)
+    try:
+        if suffix == ".jsonl":
+            with tmp.open("w", encoding="utf-8") as f:
+                for sample in rows:
+                    f.write(sample.model_dump_json() + "\n")
+        else:
+            _write_parquet(tmp, rows)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return len(rows)
 
 
@@ -116,13 +122,20 @@ def _parquet_schema():
             ("descriptors", pa.string()),
             ("image_spans", pa.string()),
             ("reward", pa.float64()),
+            ("pixel_digests", pa.list_(pa.string())),
             ("meta", pa.string()),
         ]
     )
 
 
-def _to_row(sample: Sample) -> dict[str, Any]:
+def _to_row(sample: Sample, columns: set[str]) -> dict[str, Any]:
     row = sample.model_dump(mode="json")
+    unknown = row.keys() - columns
+    if unknown:
+        raise SampleFileError(
+            f"sample {sample.sample_id!r}: field(s) {sorted(unknown)} have no Parquet column; add them "
+            "to _parquet_schema in mmstore_trainer/samples.py (or write .jsonl)"
+        )
     per_token = isinstance(row["advantages"], list)
     row["advantage"] = None if per_token else row["advantages"]
     row["advantages"] = row["advantages"] if per_token else None
@@ -147,7 +160,9 @@ def _write_parquet(path: Path, samples: list[Sample]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([_to_row(s) for s in samples], schema=_parquet_schema())
+    schema = _parquet_schema()
+    columns = set(schema.names)
+    table = pa.Table.from_pylist([_to_row(s, columns) for s in samples], schema=schema)
     pq.write_table(table, path)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -26,7 +28,16 @@ from .settings import InferenceSettings
 log = logging.getLogger("mmstore_inference")
 
 
-def create_app(settings: InferenceSettings) -> FastAPI:
+def create_app(
+    settings: InferenceSettings, on_engine_failure: Callable[[str], None] | None = None
+) -> FastAPI:
+    """The service; the engine starts in the background once the app is served.
+
+    ``on_engine_failure(reason)`` is called if the engine cannot start (a truncated checkpoint,
+    too little memory, ...): the command line stops the server and exits non-zero with the reason,
+    so a supervisor restarts it or a person sees why, instead of a service that answers /healthz
+    forever and is never ready.
+    """
     from transformers import AutoTokenizer
 
     layout = Layout.from_pretrained(settings.model)
@@ -43,12 +54,18 @@ def create_app(settings: InferenceSettings) -> FastAPI:
         writer = AsyncStoreClient(settings.store, token=settings.store_write_token, cache=store.cache)
     chat = OpenAIChat(settings, service, writer=writer)
 
+    started_at = time.monotonic()
+    failure: list[str] = []  # why the engine could not start, once it could not
+
     async def start_engine() -> None:
         try:
             await engine.start()
-        except Exception:
-            log.exception("engine failed to start")
-            raise
+        except Exception as exc:
+            log.exception("the vLLM engine failed to start")
+            failure.append(f"{type(exc).__name__}: {exc}".strip())
+            if on_engine_failure is not None:
+                on_engine_failure(failure[0])
+            return
         log.info("engine ready: %s (%s, layout %s)", settings.model, layout.family, layout.fingerprint)
 
     @asynccontextmanager
@@ -109,7 +126,18 @@ def create_app(settings: InferenceSettings) -> FastAPI:
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         if not engine.ready:
-            return JSONResponse({"error": {"code": "engine_unavailable", "message": "engine not ready"}}, 503)
+            if failure:
+                state, message = "failed", f"the vLLM engine failed to start: {failure[0]}; the service exits"
+            elif engine.llm is None:
+                waited = time.monotonic() - started_at
+                state, message = (
+                    "starting",
+                    f"the vLLM engine is loading {settings.model} ({waited:.0f} s so far)",
+                )
+            else:
+                state, message = "errored", "the vLLM engine stopped after an error (see the service's log)"
+            body = {"error": {"code": "engine_unavailable", "message": message, "state": state}}
+            return JSONResponse(body, 503, headers={"Retry-After": "5"})
         return JSONResponse(
             {
                 "status": "ready",

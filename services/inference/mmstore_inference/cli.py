@@ -32,7 +32,10 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="vLLM dtype")] = None,
     log_level: Annotated[str, typer.Option(help="log level")] = "info",
 ) -> None:
-    """Run the service (the engine starts before the port answers /readyz)."""
+    """Run the service (the engine starts before the port answers /readyz).
+
+    Exits 1 with the reason if the engine cannot start; /readyz says why meanwhile.
+    """
     import uvicorn
 
     from .app import create_app
@@ -50,9 +53,25 @@ def serve(
     )
     settings = InferenceSettings(**{k: v for k, v in flags.items() if v is not None})
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False
+    failure: list[str] = []
+
+    def engine_failed(reason: str) -> None:
+        failure.append(reason)
+        server.should_exit = True  # uvicorn's own graceful shutdown, then the exit status below
+
+    app_ = create_app(settings, on_engine_failure=engine_failed)
+    config = uvicorn.Config(
+        app_, host=settings.host, port=settings.port, log_level="warning", access_log=False
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if failure:
+        typer.echo(
+            f"mmstore-inference: the vLLM engine could not start for {settings.model}: {failure[0]} "
+            "(the log above has vLLM's own account; check the checkpoint folder and the memory settings)",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import contextlib
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mmstore_client.inference import Completion, SamplingOptions
@@ -23,6 +24,26 @@ from mmstore_client.inference import Completion, SamplingOptions
 from .settings import InferenceSettings
 
 FORBIDDEN_BIAS = float("-inf")  # logit bias that keeps a token from ever being sampled
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A weights file of the checkpoint that cannot be read (truncated or corrupt)."""
+
+
+def check_weights(model: Path) -> None:
+    """Read the header of every safetensors file of ``model`` (no tensors), so that a truncated or
+    corrupt checkpoint is named with its file; vLLM would fail in its engine process, and say only
+    that the engine core failed."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "np"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointUnreadable(
+                f"{path} cannot be read ({exc}): copy the checkpoint again (it is truncated or corrupt)"
+            ) from None
 
 
 class EngineRejected(ValueError):
@@ -63,6 +84,7 @@ class Engine:
 
     async def start(self) -> None:
         """Build the engine in a thread (35-60 s), so the event loop keeps answering /healthz."""
+        await asyncio.to_thread(check_weights, Path(self.settings.model))
         import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

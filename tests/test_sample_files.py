@@ -1,0 +1,91 @@
+"""Sample files keep every field of every sample, in both formats (hypothesis, no services).
+
+Samples are drawn from the pydantic models themselves (``model_strategies``): every field of
+``Sample``, ``Descriptor`` and ``ImageSpan`` is derived from its annotation, so a field added to
+the schema is drawn (and must round-trip) without this test changing. Only the fields that the
+schema ties together (lengths, spans matching descriptors) are laid out here, still from their
+annotations' element strategies.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mmstore_client.descriptor import Descriptor, ImageSpan, Sample
+from mmstore_trainer.samples import SampleFileError, read_samples, write_samples
+from model_strategies import element, field_values, for_field, for_model
+
+
+def _sized(name: str, n: int):
+    """The field's derived strategy; when it draws a list, a list of exactly ``n`` of its elements."""
+    return for_field(Sample, name).flatmap(
+        lambda v: (
+            st.lists(element(Sample, name), min_size=n, max_size=n) if isinstance(v, list) else st.just(v)
+        )
+    )
+
+
+@st.composite
+def samples(draw) -> Sample:
+    descriptors = draw(st.lists(for_model(Descriptor, num_tokens=st.integers(1, 6)), max_size=3))
+    gaps = draw(st.lists(st.integers(0, 4), min_size=len(descriptors) + 1, max_size=len(descriptors) + 1))
+    spans, pos = [], 0
+    for gap, d in zip(gaps, descriptors, strict=False):
+        spans.append(ImageSpan(start=pos + gap, length=d.num_tokens))
+        pos += gap + d.num_tokens
+    n = pos + gaps[-1]
+    on_image = {i for s in spans for i in range(s.start, s.start + s.length)}
+    mask = draw(_sized("loss_mask", n))
+    tied = {
+        "token_ids": draw(_sized("token_ids", n)),
+        "loss_mask": [m and i not in on_image for i, m in enumerate(mask)],
+        "advantages": draw(_sized("advantages", n)),
+        "logprobs": draw(_sized("logprobs", n)),
+        "descriptors": descriptors,
+        "image_spans": spans,
+        "pixel_digests": draw(_sized("pixel_digests", len(descriptors))),
+    }
+    values = draw(field_values(Sample, **{k: st.just(v) for k, v in tied.items()}))
+    return Sample.model_validate(values)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(samples(), min_size=1, max_size=4), suffix=st.sampled_from([".jsonl", ".parquet"]))
+def test_every_field_of_every_sample_round_trips(batch, suffix):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"samples{suffix}"
+        assert write_samples(path, batch) == len(batch)
+        got = list(read_samples(path))
+    # JSON tells 1 from 1.0 from true and a tuple's length, where == on models would not
+    assert [s.model_dump_json() for s in got] == [s.model_dump_json() for s in batch]
+
+
+def test_parquet_keeps_pixel_digests(tmp_path):
+    """The trainer's pixel check reads them: Parquet files once dropped them without a word."""
+    image = Descriptor(
+        digest=f"blake3:{1:064x}", mime="image/png", width=28, height=28, family="qwen2_vl",
+        layout={"patch_size": 14}, fingerprint="f", grid=(1, 2, 2), num_tokens=1,
+    )  # fmt: skip
+    sample = Sample(
+        sample_id="s", token_ids=[7, 8, 9], loss_mask=[False, False, True], advantages=1.0,
+        logprobs=[0.0] * 3, descriptors=[image], image_spans=[ImageSpan(start=1, length=1)],
+        pixel_digests=[f"blake3:{2:064x}"],
+    )  # fmt: skip
+    write_samples(tmp_path / "s.parquet", [sample])
+    assert pq.read_table(tmp_path / "s.parquet").column("pixel_digests").to_pylist() == [[f"blake3:{2:064x}"]]
+    assert next(read_samples(tmp_path / "s.parquet")).pixel_digests == sample.pixel_digests
+
+
+def test_a_field_the_parquet_layout_lacks_fails_loudly(tmp_path):
+    class Newer(Sample):  # a field added to the schema but not to the Parquet layout
+        curriculum_stage: int = 3
+
+    sample = Newer(sample_id="s", token_ids=[1], loss_mask=[True], advantages=1.0, logprobs=[0.0])
+    with pytest.raises(SampleFileError, match="curriculum_stage"):
+        write_samples(tmp_path / "s.parquet", [sample])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
