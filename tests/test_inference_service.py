@@ -15,8 +15,9 @@ import time
 
 import httpx
 from mmstore_client import AsyncStoreClient, ByteCache, StoreClient, decode
+from mmstore_client.cache import DecodedCache
 from mmstore_client.descriptor import Descriptor
-from mmstore_inference.fetch import DecodedCache, ImageFetcher
+from mmstore_inference.fetch import ImageFetcher
 from mmstore_inference.metrics import InferenceMetrics
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families

@@ -161,7 +161,7 @@ def test_long_plain_text_renders_and_base64_images_do_not(tiny_qwen2_vl):
     import base64
 
     images = Images()
-    renderer = Renderer.from_pretrained(tiny_qwen2_vl, images.__getitem__)
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), images)
     listing = "\n".join(f"{i:08x}  {i * 2654435761 % 2**32:08x}" for i in range(400))  # 7,599 chars, hex
     messages = [
         {"role": "user", "content": [img(images.add(64, 64, 5)), {"type": "text", "text": "list it"}]},
