@@ -9,10 +9,9 @@ Nothing is assumed from earlier requests: every request names every image it nee
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections import OrderedDict
 
 from mmstore_client import AsyncStoreClient, IntegrityError, NotFoundError, decode
+from mmstore_client.cache import DecodedCache, SingleFlight
 from mmstore_client.descriptor import Descriptor
 from mmstore_client.errors import ApiError, TransportError
 from PIL import Image
@@ -20,41 +19,11 @@ from PIL import Image
 from .errors import CorruptAsset, DescriptorMismatch, MissingAsset, StoreUnavailable
 
 
-class DecodedCache:
-    """digest -> RGB image, bounded by width*height*3 bytes, least recently used evicted."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, Image.Image] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> Image.Image | None:
-        with self._lock:
-            img = self._entries.get(digest)
-            if img is not None:
-                self._entries.move_to_end(digest)
-            return img
-
-    def put(self, digest: str, img: Image.Image) -> None:
-        cost = img.width * img.height * 3
-        if cost > self.max_bytes:
-            return
-        with self._lock:
-            if digest in self._entries:
-                return
-            self._entries[digest] = img
-            self._size += cost
-            while self._size > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._size -= old.width * old.height * 3
-
-
 class ImageFetcher:
     def __init__(self, store: AsyncStoreClient, decoded: DecodedCache) -> None:
         self.store = store
         self.decoded = decoded
-        self._decoding: dict[str, asyncio.Future[Image.Image]] = {}
+        self._decoding: SingleFlight[Image.Image] = SingleFlight()
         self._pixel_digests: dict[str, str] = {}
         self.decoded_hits = 0
         self.decodes = 0
@@ -81,21 +50,7 @@ class ImageFetcher:
         if img is not None:
             self.decoded_hits += 1
         else:
-            pending = self._decoding.get(desc.digest)
-            if pending is not None:
-                img = await asyncio.shield(pending)
-            else:
-                future = asyncio.get_running_loop().create_future()
-                self._decoding[desc.digest] = future
-                try:
-                    img = await self._fetch_decode(index, desc.digest)
-                    future.set_result(img)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                    future.exception()
-                    raise
-                finally:
-                    del self._decoding[desc.digest]
+            img = await self._decoding.run(desc.digest, lambda: self._fetch_decode(index, desc.digest))
         if (img.width, img.height) != (desc.width, desc.height):
             raise DescriptorMismatch(
                 f"image {index} ({desc.digest}) decodes to {img.width}x{img.height}, "

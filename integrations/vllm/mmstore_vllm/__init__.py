@@ -1,0 +1,22 @@
+"""mmstore_vllm: a vLLM plugin that resolves ``mmstore://blobs/<digest>`` image refs.
+
+Install it into the environment of the vLLM you run and set ``VLLM_MEDIA_CONNECTOR=mmstore``
+(plus ``MMSTORE_URL`` and ``MMSTORE_TOKEN``). vLLM calls :func:`register` from the
+``vllm.general_plugins`` entry point in each of its processes.
+"""
+
+from __future__ import annotations
+
+CONNECTOR_NAME = "mmstore"
+
+
+def register() -> None:
+    """Add the ``mmstore`` media connector to vLLM's registry (idempotent: vLLM may call it twice)."""
+    from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY
+
+    from .connector import MmstoreMediaConnector
+
+    MEDIA_CONNECTOR_REGISTRY.register(CONNECTOR_NAME)(MmstoreMediaConnector)
+
+
+__all__ = ["CONNECTOR_NAME", "register"]
