@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
 import sys
 import threading
 from pathlib import Path
@@ -102,6 +103,7 @@ def vllm_server(tiny_qwen2_vl, plugin_store, media_dir, tmp_path_factory) -> Ser
             "MMSTORE_URL": plugin_store.url,
             "MMSTORE_RETRIES": "1",
             "MMSTORE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+            "MMSTORE_MODEL": str(tiny_qwen2_vl),
             "VLLM_CPU_KVCACHE_SPACE": "1",
         },
         log=tmp_path_factory.mktemp("vllm") / f"vllm-{port}.log",
@@ -304,12 +306,15 @@ def test_image_over_the_pixel_limit_is_422(client, model, store_client):
 
 
 @slow
-def test_image_with_an_extreme_aspect_ratio_is_4xx(client, model, store_client):
-    thin = ref(store_client, image_bytes(6000, 20, seed=51))  # 300:1, the processor refuses > 200
-    with pytest.raises(openai.APIStatusError) as err:
+def test_image_the_models_processor_refuses_is_422_naming_it(client, model, store_client):
+    """MMSTORE_MODEL set: the plugin places the ref with the model's layout (without it, vLLM's
+    processor refuses with a bare 400 that names neither the image nor the rule)."""
+    thin = ref(store_client, image_bytes(6000, 20, seed=51))  # 300:1; Qwen2-VL refuses over 200
+    with pytest.raises(openai.UnprocessableEntityError) as err:
         chat(client, model, [user("thin", thin)])
-    assert 400 <= err.value.status_code < 500, err.value.message
-    assert "aspect ratio" in err.value.message
+    message = err.value.message
+    assert thin.removeprefix("mmstore://blobs/") in message and "image_refused_by_layout" in message
+    assert "aspect ratio" in message
     assert_still_serving(client, model, store_client)
 
 
@@ -462,3 +467,16 @@ def test_store_errors_map_to_vllms_statuses():
         importlib.reload(compat)
     assert not issubclass(without_graceful, ValueError)
     assert create_error_response(without_graceful("down")).error.code == 500
+
+
+def test_a_bad_setting_stops_vllms_start_with_the_reason(tmp_path):
+    """vLLM loads the entry point at start (``load_general_plugins``): with the connector selected,
+    a model folder that is not a checkpoint fails there, naming the folder."""
+    import subprocess
+
+    env = {**os.environ, "VLLM_MEDIA_CONNECTOR": "mmstore", "MMSTORE_MODEL": str(tmp_path)}
+    code = "from vllm.plugins import load_general_plugins; load_general_plugins()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"{tmp_path} has no config.json" in proc.stderr
+    env["VLLM_MEDIA_CONNECTOR"] = "http"  # installed but not selected: never in the way
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode == 0

@@ -13,7 +13,7 @@ Errors::
     RefError                   names the digest and a machine-readable ``code``
     ├── RefRejected            the ref is the request's fault: vLLM answers 4xx
     │                          (malformed_ref, missing_blob, digest_mismatch, image_too_large,
-    │                          corrupt_image, unsupported_media_type)
+    │                          corrupt_image, unsupported_media_type, image_refused_by_layout)
     └── StoreUnavailable       the store could not answer (store_unavailable, store_unauthorized):
                                vLLM answers 5xx; nothing is cached, the next request retries
 """
@@ -40,6 +40,7 @@ from mmstore_client import (
     parse_ref,
 )
 from mmstore_client.cache import DecodedCache, SingleFlight
+from mmstore_client.layouts import Layout
 from PIL import Image
 from prometheus_client import Counter
 
@@ -85,6 +86,7 @@ class RefResolver:
             "cache": self.byte_cache,
         }
         self.store = StoreClient(settings.url, **self._client_options)
+        self.layout = Layout.from_pretrained(settings.model) if settings.model else None
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStoreClient, SingleFlight[Image.Image]] | None
         self._async = None
 
@@ -138,6 +140,8 @@ class RefResolver:
         start = time.perf_counter()
         try:
             img = decode.decode_rgb(data, max_pixels=self.settings.max_image_pixels)
+            if self.layout is not None:
+                self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
         except decode.ImageError as exc:
             REF_ERRORS.labels(exc.code).inc()
             message = f"mmstore image {digest} is refused: {exc}"

@@ -6,6 +6,8 @@ rest of mmstore). Read once per process, when the first ref is resolved.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mmstore_client import decode
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,4 +26,9 @@ class PluginSettings(BaseSettings):
     )
     max_image_pixels: int = Field(
         decode.DEFAULT_MAX_PIXELS, ge=1, description="refs whose header says more pixels are refused (422)"
+    )
+    model: Path | None = Field(
+        None,
+        description="the served checkpoint folder: refs are placed with mmstore's layout for it, so an "
+        "image its processor refuses (e.g. aspect ratio) is a 422 naming the digest, not vLLM's bare 400",
     )
