@@ -91,7 +91,7 @@ def vllm_server(tiny_qwen2_vl, plugin_store, media_dir, tmp_path_factory) -> Ser
             "--max-model-len",
             "4096",
             "--limit-mm-per-prompt",
-            '{"image": 8}',
+            '{"image": 32}',  # turn 5 of the five-turn test carries 30
             "--allowed-local-media-path",
             str(media_dir),
             "--allowed-media-domains",
@@ -202,6 +202,36 @@ def test_chat_refs_and_data_uris_mixed_give_the_renderers_and_hf_processors_ids(
     assert resp.prompt_token_ids == rendered.token_ids
     assert resp.prompt_token_ids == hf_ids(tiny_qwen2_vl, renderer, mixed, [a, b, c])
     assert len(resp.choices[0].token_ids) >= 1
+
+
+def mmstore_counters(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("mmstore_vllm_")
+    }
+
+
+@slow
+def test_five_turn_chat_matches_the_renderer_every_turn_fetching_each_image_once(
+    client, model, store_client, renderer, vllm_server
+):
+    """Turn k carries 2k images (refs); every earlier image is resent as its ref each turn."""
+    messages: list[dict] = []
+    fetched = mmstore_counters(vllm_server).get('mmstore_vllm_refs_total{source="store"}', 0.0)
+    for turn in range(1, 6):
+        new = [
+            ref(store_client, image_bytes(30 + 7 * i, 40 + 3 * turn, seed=100 * turn + i))
+            for i in range(2 * turn)
+        ]
+        messages.append(user(f"turn {turn}", *new))
+        resp = chat(client, model, messages)
+        assert resp.prompt_token_ids == renderer.render(messages).token_ids, f"turn {turn}"
+        messages.append({"role": "assistant", "content": resp.choices[0].message.content or ""})
+        counters = mmstore_counters(vllm_server)
+        assert counters['mmstore_vllm_refs_total{source="store"}'] - fetched == len(new), f"turn {turn}"
+        fetched = counters['mmstore_vllm_refs_total{source="store"}']
 
 
 @slow
@@ -351,12 +381,7 @@ def test_counters_show_on_vllms_metrics(client, model, store_client, vllm_server
     chat(client, model, [user("twice", r)])
     with pytest.raises(openai.UnprocessableEntityError):
         chat(client, model, [user("missing", make_ref(compute_digest(b"not there either")))])
-    text = httpx.get(f"{vllm_server.url}/metrics", timeout=10).text
-    samples = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line.startswith("mmstore_vllm_")
-    }
+    samples = mmstore_counters(vllm_server)
     assert samples['mmstore_vllm_refs_total{source="store"}'] >= 1
     assert samples['mmstore_vllm_refs_total{source="decoded"}'] >= 1
     assert samples["mmstore_vllm_store_bytes_total"] > 0
