@@ -10,7 +10,7 @@ pixels the trainer materializes. Every other URL (http, data, file) goes to vLLM
 
 What vLLM hashes: the image is handed over as ``MediaWithBytes`` whose ``original_bytes`` is
 ``b"mmstore:" + digest``. vLLM's processor cache keys images by those bytes; the digest already
-is the blake3 of the file (verified), so hashing 71 bytes replaces hashing megabytes per image
+is the blake3 of the file (verified), so hashing 79 bytes replaces hashing megabytes per image
 per request, and the prefix keeps the key apart from a data URL of the same file, which vLLM's
 own loader decodes by its own rule (a different rule must never share a cache entry).
 """
