@@ -24,9 +24,14 @@ class ServerProcess:
     children, vLLM's engine processes)."""
 
     def __init__(
-        self, argv: list[str], port: int, env: dict[str, str] | None = None, log: Path | None = None
+        self,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        health: str = "/healthz",  # vLLM's own server answers /health
     ):
-        self.argv, self.port, self.log = argv, port, log
+        self.argv, self.port, self.log, self.health = argv, port, log, health
         self.env = {**os.environ, **(env or {})}
         self.url = f"http://127.0.0.1:{port}"
         self.service: Service | None = None
@@ -46,7 +51,7 @@ class ServerProcess:
             if proc.poll() is not None:
                 raise RuntimeError(f"{self.argv} exited with {proc.returncode}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.health}", timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.1)
