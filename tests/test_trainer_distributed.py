@@ -115,6 +115,7 @@ def test_assignment_balances_tokens_groups_shared_images_and_is_seeded():
         assign_indices([1, 1], [[], []], 3, seed=0, step=1)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process_and_fetch_only_their_images(
     tiny_qwen2_vl, store, shared_batch, tmp_path
 ):
@@ -166,6 +167,7 @@ def test_two_ranks_train_as_one_process_and_fetch_only_their_images(
     assert not needed[0] & needed[1] and fetched == len(set().union(*digests.values()))
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_the_run(tiny_qwen2_vl, store, shared_batch, tmp_path):
     path, _ = shared_batch
     out = tmp_path / "killed"
@@ -203,30 +205,34 @@ def worker_pid(agent: int, rank: int) -> int:
 
 
 def test_step_dataset_in_a_plain_pytorch_loop(tiny_qwen2_vl, store, shared_batch):
-    """The README's example: a rank's micro-batches in a DataLoader, a plain HF forward and loss."""
+    """The README's example: each rank's steps through a DataLoader into a plain HF forward, a
+    loss over the trained positions, backward and an AdamW step; together the ranks see every
+    sample once, with model-ready inputs."""
     from transformers import AutoModelForImageTextToText
 
     path, samples = shared_batch
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_qwen2_vl), dtype=torch.float32)
-    ranks = [
-        StepDataset.from_pretrained(
-            tiny_qwen2_vl, [path], store.url, steps=2, batch_size=4, token_budget=512, rank=r, world_size=2
-        )
-        for r in range(2)
-    ]
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    for ds in ranks:
-        loader = torch.utils.data.DataLoader(ds, batch_size=None)
-        for step in loader:
+    for rank in range(2):
+        data = StepDataset.from_pretrained(
+            tiny_qwen2_vl, [path], store.url, steps=2, batch_size=4, token_budget=512, rank=rank, world_size=2
+        )
+        for step in torch.utils.data.DataLoader(data, batch_size=None):
             for mb in step.micro_batches:
-                out = model(**mb.forward_kwargs(ds.family), logits_to_keep=mb.logit_positions)
-                logprobs = torch.log_softmax(out.logits[0].float(), -1)
-                picked = logprobs.gather(-1, mb.input_ids[0, mb.targets].view(-1, 1)).squeeze(-1)
-                loss = -(mb.advantages * picked).sum() / max(step.trained_tokens, 1)
-                assert torch.isfinite(loss) and mb.position_ids.shape[:2] == (4, 1)
+                logits = model(**mb.forward_kwargs(data.family), logits_to_keep=mb.logit_positions).logits[0]
+                targets = mb.input_ids[0, mb.targets, None]
+                new = torch.log_softmax(logits.float(), -1).gather(-1, targets)[:, 0]
+                ratio = torch.exp(new - mb.old_logprobs)
+                (-(mb.advantages * ratio).sum() / max(step.trained_tokens, 1)).backward()
+                assert mb.position_ids.shape[:2] == (4, 1) and new.shape == mb.targets.shape
                 if mb.num_images:
                     assert mb.model_inputs["image_grid_thw"].shape == (mb.num_images, 3)
-            seen += [(step.step, s.sample_id) for s in step.samples]
-    assert sorted(i for _, i in seen) == sorted(s.sample_id for s in samples)
+            optim.step()
+            optim.zero_grad()
+            seen += [s.sample_id for s in step.samples]
+    assert sorted(seen) == sorted(s.sample_id for s in samples)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(RuntimeError, match="num_workers=0"):
-        next(iter(torch.utils.data.DataLoader(ranks[0], batch_size=None, num_workers=1)))
+        next(iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)))
