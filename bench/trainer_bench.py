@@ -15,6 +15,14 @@ with the renderer, then measures:
 2. Loader wait during training: ``--steps`` training steps (batch ``--batch-size``) per worker
    setting; the fraction of step wall time the step spent blocked on the loader (all steps, and
    steps 2.. which excludes filling the pipeline).
+3. With ``--parallelism off,fsdp``, step 2 again with the trainer as one FSDP2 rank (the code path
+   of ``torchrun --nproc-per-node N``, here a world of one: sharding, collectives and the full
+   state dict machinery, no second GPU), against the single-process trainer on the same model,
+   data and workers. On the lent H200, one command::
+
+       python bench/trainer_bench.py --device cuda --config qwen2-vl-2b --parallelism off,fsdp --workers 0,2
+
+   (target of issue 21: FSDP2 at one rank no slower than one process, loader wait < 5%).
 
 Rewrites the ``## Trainer`` section of ``bench/RESULTS.md`` (between the ``trainer_bench``
 markers; other sections are kept) unless ``--no-write``.
@@ -252,15 +260,19 @@ def training_run(
     workers: int,
     opts: dict,
     tmp: Path,
+    parallelism: str = "off",
 ) -> dict[str, float]:
-    """``steps`` training steps with the loader at ``workers``; the step's wait on the loader."""
+    """``steps`` training steps with the loader at ``workers``; the step's wait on the loader.
+    ``parallelism`` ``fsdp``: the trainer shards ``model`` (once; later runs reuse it) as rank 0
+    of the process group the caller made."""
     from mmstore_client import StoreClient
     from mmstore_trainer import TrainConfig, Trainer
 
     config = TrainConfig(
         model=model_dir,
         data=[samples_path],
-        out=tmp / f"run-w{workers}",
+        out=tmp / f"run-{parallelism}-w{workers}",
+        parallelism=parallelism,
         store=url,
         steps=opts["steps"],
         batch_size=opts["batch_size"],
@@ -281,6 +293,7 @@ def training_run(
     m = report.metrics
     steady = m[1:] or m
     return {
+        "trainer": TRAINERS[parallelism],
         "workers": workers,
         "steps": len(m),
         "step_s": sum(x.step_s for x in m) / len(m),
@@ -319,7 +332,9 @@ LOAD_COLS = [
     "speed-up",
     "passes (images/s)",
 ]
+TRAINERS = {"off": "1 process", "fsdp": "FSDP2, 1 rank"}
 RUN_COLS = [
+    "trainer",
     "workers",
     "step s",
     "step s (2..)",
@@ -350,6 +365,7 @@ def load_cells(r: dict, base: float) -> list[str]:
 
 def run_cells(r: dict) -> list[str]:
     return [
+        r["trainer"],
         str(r["workers"]),
         f"{r['step_s']:.3f}",
         f"{r['steady_step_s']:.3f}",
@@ -391,10 +407,11 @@ def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
         "as a fraction of step wall time (all steps; and steps 2.., excluding the first fill of the "
         "pipeline). One untimed 2-step run first warms up kernels and the allocator.",
         "",
-        *md_table(RUN_COLS, [run_cells(r) for r in runs], left=()),
+        *md_table(RUN_COLS, [run_cells(r) for r in runs], left=RUN_COLS[:1]),
         "",
         wait_target(runs),
         "",
+        *fsdp_versus_one(runs),
     ]
     return "\n".join(lines)
 
@@ -412,6 +429,23 @@ def wait_target(runs: list[dict]) -> str:
         f"steps, with {best['workers']} loader workers). tokens/s and images/s: per step over the step "
         "time of steps 2.."
     )
+
+
+def fsdp_versus_one(runs: list[dict]) -> list[str]:
+    """FSDP2 at one rank against one process, at each worker count measured both ways."""
+    one = {r["workers"]: r for r in runs if r["trainer"] == TRAINERS["off"]}
+    pairs = [(one[r["workers"]], r) for r in runs if r["trainer"] == TRAINERS["fsdp"] and r["workers"] in one]
+    if not pairs:
+        return []
+    ratios = ", ".join(
+        f"{100 * (f['steady_step_s'] / o['steady_step_s'] - 1):+.0f}% with {o['workers']} workers"
+        for o, f in pairs
+    )
+    return [
+        f"FSDP2 at one rank against one process, step time of steps 2..: {ratios} "
+        "(target of issue 21: no slower; wait < 5%).",
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- main
@@ -438,10 +472,14 @@ def main(
     output: OutputOption = RESULTS,
     repeats: Annotated[int, typer.Option(min=1, help="loader passes per setting (median)")] = 3,
     write: Annotated[bool, typer.Option(help="rewrite the section in the results file")] = True,
+    parallelism: Annotated[
+        str, typer.Option(help="comma-separated trainers: off (one process), fsdp (FSDP2, one rank)")
+    ] = "off",
 ) -> None:
     import torch
     from mmstore_client.layouts import from_pretrained as layout_from_pretrained
     from mmstore_trainer import write_samples
+    from mmstore_trainer.distributed import Ranks
     from transformers import AutoProcessor
 
     if config not in ("tiny", "qwen2-vl-2b"):
@@ -451,6 +489,10 @@ def main(
     if gradient_checkpointing is None:  # a 2B step of 8 samples x 2 images needs ~75 GB without it
         gradient_checkpointing = config == "qwen2-vl-2b"
     counts = [int(w) for w in workers.split(",")]
+    modes = parallelism.split(",")
+    if not set(modes) <= set(TRAINERS):
+        raise typer.BadParameter(f"--parallelism: off and/or fsdp, got {parallelism!r}")
+    modes = sorted(set(modes), key=list(TRAINERS).index)  # fsdp last: it shards the model in place
     load_before = loadavg()
     with (
         tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp_name,
@@ -487,15 +529,21 @@ def main(
         opts = {"steps": steps, "batch_size": batch_size, "token_budget": token_budget}
         opts["gradient_checkpointing"] = gradient_checkpointing
         warm = {**opts, "steps": 2}  # untimed: kernels, allocator and autotuning warm up
-        training_run(samples_path, url, model_dir, model, processor, max(counts), warm, tmp)
         runs = []
-        for w in counts:
-            runs.append(training_run(samples_path, url, model_dir, model, processor, w, opts, tmp))
-            typer.echo(
-                f"train workers={w}: step {runs[-1]['step_s']:.3f}s, wait {100 * runs[-1]['wait_frac']:.0f}%"
-            )
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        for mode in modes:
+            group = Ranks.join(device, 600.0) if mode == "fsdp" else None  # a world of one rank
+            args = (samples_path, url, model_dir, model, processor)
+            training_run(*args, max(counts), warm, tmp, mode)
+            for w in counts:
+                runs.append(training_run(*args, w, opts, tmp, mode))
+                typer.echo(
+                    f"train {TRAINERS[mode]} workers={w}: step {runs[-1]['step_s']:.3f}s, "
+                    f"wait {100 * runs[-1]['wait_frac']:.0f}%"
+                )
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            if group is not None:
+                group.leave()
 
     autocast = " under bf16 autocast" if device.startswith("cuda") else ""
     info = {

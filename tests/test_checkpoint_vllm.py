@@ -1,4 +1,5 @@
-"""A checkpoint the trainer saves is served by the inference service (vLLM) as it is."""
+"""A checkpoint the trainer saves is served by the inference service (vLLM) as it is: from one
+process, and from two torchrun ranks (FSDP2's full state dict, written by rank 0)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from mmstore_trainer.config import TrainConfig
 from mmstore_trainer.samples import sample_from_rendered, write_samples
 from mmstore_trainer.train import train
 from support import FetchingRenderer, noise_png
+from test_trainer_distributed import finish, torchrun
 
 pytestmark = pytest.mark.slow
 
 
-def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "torchrun-2-ranks"])
+def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tmp_path, ranks):
     client = StoreClient(store.url)
     renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
     uri = "data:image/png;base64," + base64.b64encode(noise_png(3000, seed=5)).decode()
@@ -30,28 +33,28 @@ def test_trained_checkpoint_loads_in_vllm_and_generates(store, tiny_qwen2_vl, tm
     done = rendered.extend(answer, assistant=True)
     data = tmp_path / "samples.jsonl"
     write_samples(data, [sample_from_rendered(done, sample_id="s", advantages=1.0)])
-    report = train(
-        TrainConfig(
-            model=tiny_qwen2_vl,
-            data=[data],
-            out=tmp_path / "out",
-            store=store.url,
-            steps=1,
-            batch_size=1,
-            lr=1e-2,
-            progress=False,
-        )
-    )
-    assert report.checkpoint is not None
+    if ranks == 1:
+        config = TrainConfig(
+            model=tiny_qwen2_vl, data=[data], out=tmp_path / "out", store=store.url, steps=1, batch_size=1,
+            lr=1e-2, progress=False,
+        )  # fmt: skip
+        checkpoint = train(config).checkpoint
+    else:  # the one sample twice, one on each rank
+        args = ["--model", str(tiny_qwen2_vl), "--data", str(data), "--store", store.url, "--steps", "1"]
+        args += ["--batch-size", "2", "--lr", "1e-2", "--no-progress", "--device", "cpu"]
+        proc = torchrun(ranks, [*args, "--out", str(tmp_path / "out")], tmp_path / "torchrun.log")
+        assert finish(proc, tmp_path / "torchrun.log", 300) == 0, (tmp_path / "torchrun.log").read_text()
+        checkpoint = tmp_path / "out" / "checkpoints" / "step-000001"
+    assert checkpoint is not None and (checkpoint / "config.json").exists()
 
-    server = inference_process(report.checkpoint, store.url, tmp_path)
+    server = inference_process(checkpoint, store.url, tmp_path)
     try:
         server.start(timeout=300)
         deadline = time.monotonic() + 600
         while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
             assert time.monotonic() < deadline and server.proc.poll() is None, f"see {server.log}"
             time.sleep(1)
-        ckpt_renderer = FetchingRenderer(Renderer.from_pretrained(report.checkpoint), client)
+        ckpt_renderer = FetchingRenderer(Renderer.from_pretrained(checkpoint), client)
         again = ckpt_renderer.render(offload_messages(messages, client, "ckpt"))
         assert again.token_ids == rendered.token_ids, "the checkpoint renders exactly as the base model"
         with InferenceClient(server.url) as inf:

@@ -5,17 +5,21 @@ through the checkpoint's own HF image processor, then checked against the sample
 before a token of it is trained on (:mod:`.data`). A background loader keeps that ahead of the
 step (:mod:`.loader`); samples are packed into micro-batches without cross-sample attention
 (:mod:`.pack`); the step is a clipped, token-level policy-gradient update (:mod:`.loss`,
-:mod:`.train`). Model-specific knowledge lives in :mod:`.families`.
+:mod:`.train`). Model-specific knowledge lives in :mod:`.families`. :class:`StepDataset` is that
+data path as a ``torch.utils.data`` dataset for any training loop; under ``torchrun`` each rank
+materializes only its share (:mod:`.sharding`) and trains with FSDP2 (:mod:`.distributed`).
 """
 
 from mmstore_trainer.checkpoint import save_checkpoint
-from mmstore_trainer.config import MissingImagePolicy, TrainConfig
+from mmstore_trainer.config import MissingImagePolicy, Parallelism, TrainConfig
 from mmstore_trainer.data import MaterializationError, MaterializedSample, Materializer
+from mmstore_trainer.dataset import RankStep, StepDataset
 from mmstore_trainer.loader import Loader
 from mmstore_trainer.loss import PgStats, clipped_pg_loss, token_logprobs
 from mmstore_trainer.metrics import StepMetrics, read_metrics
 from mmstore_trainer.pack import MicroBatch, pack
 from mmstore_trainer.samples import SampleFileError, read_samples, sample_from_rendered, write_samples
+from mmstore_trainer.sharding import assign
 from mmstore_trainer.train import Trainer, TrainReport, train
 
 __all__ = [
@@ -25,12 +29,16 @@ __all__ = [
     "Materializer",
     "MicroBatch",
     "MissingImagePolicy",
+    "Parallelism",
     "PgStats",
+    "RankStep",
     "SampleFileError",
+    "StepDataset",
     "StepMetrics",
     "TrainConfig",
     "TrainReport",
     "Trainer",
+    "assign",
     "clipped_pg_loss",
     "pack",
     "read_metrics",

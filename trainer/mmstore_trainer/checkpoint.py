@@ -26,11 +26,18 @@ def _is_model_file(path: Path) -> bool:
 
 
 def save_checkpoint(
-    model: Any, source_dir: str | Path, dest: str | Path, *, state: dict[str, Any] | None = None
+    model: Any,
+    source_dir: str | Path,
+    dest: str | Path,
+    *,
+    state: dict[str, Any] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` to ``dest`` with the non-weight files of ``source_dir``; return ``dest``.
 
     ``state`` (step, metrics) goes to ``trainer_state.json``, which loaders ignore.
+    ``state_dict``: the weights to write instead of ``model``'s own (a sharded model's full
+    state dict, gathered on one rank).
     """
     source, dest = Path(source_dir), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +46,7 @@ def save_checkpoint(
         for f in sorted(source.iterdir()):
             if f.is_file() and not _is_model_file(f) and f.name != "trainer_state.json":
                 shutil.copy2(f, tmp / f.name)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
         tmp.chmod(0o755)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from mmstore_client.truncate import TruncationPolicy
 
-from mmstore_trainer.config import MissingImagePolicy, TrainConfig
+from mmstore_trainer.config import MissingImagePolicy, Parallelism, TrainConfig
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 _FIELDS = TrainConfig.model_fields
@@ -71,10 +71,17 @@ def train(
         "gradient_checkpointing"
     ),
     progress: Annotated[bool, _opt("progress/--no-progress")] = _default("progress"),
+    parallelism: Annotated[
+        Parallelism, _opt("parallelism", "auto: FSDP2 under torchrun; off: one process; fsdp: FSDP2 always")
+    ] = _default("parallelism"),
+    collective_timeout_s: Annotated[float, _opt("collective-timeout-s", min=1)] = _default(
+        "collective_timeout_s"
+    ),
 ) -> None:
     """Train: fetch and verify each sample's images from the store, pack, clipped PG steps.
 
     Writes OUT/metrics.jsonl (one line a step) and OUT/checkpoints/step-N (complete model folders).
+    Under ``torchrun --nproc-per-node N`` each process is a rank of one FSDP2 run.
     """
     from mmstore_trainer.data import MaterializationError
     from mmstore_trainer.train import train as run_training
@@ -107,14 +114,20 @@ def train(
         save_every=save_every,
         gradient_checkpointing=gradient_checkpointing,
         progress=progress,
+        parallelism=parallelism,
+        collective_timeout_s=collective_timeout_s,
     )
     try:
         report = run_training(config)
     except MaterializationError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if report.rank != 0:
+        return
     typer.echo(
-        f"trained {report.steps} steps on {report.device} in {report.wall_s:.1f}s "
+        f"trained {report.steps} steps on {report.device}"
+        + (f" x {report.world_size} ranks" if report.world_size > 1 else "")
+        + f" in {report.wall_s:.1f}s "
         f"(loader wait {report.wait_s:.1f}s); metrics: {report.metrics_path}; checkpoint: {report.checkpoint}"
     )
 

@@ -35,6 +35,19 @@ class MissingImagePolicy(StrEnum):
     PLACEHOLDER_ZERO_LOSS = "placeholder_zero_loss"
 
 
+class Parallelism(StrEnum):
+    """How the run spreads over processes.
+
+    ``auto``: FSDP2 when launched by ``torchrun`` (``WORLD_SIZE`` is set), else one process.
+    ``off``: one process, no process group. ``fsdp``: FSDP2 always (outside torchrun, a world
+    of one rank: the same code path as N ranks, for comparisons).
+    """
+
+    AUTO = "auto"
+    OFF = "off"
+    FSDP = "fsdp"
+
+
 class TrainConfig(BaseModel):
     """Everything a training run needs. Paths are local; the store is reached over HTTP."""
 
@@ -79,7 +92,13 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
     attn_implementation: str | None = Field(None, description="transformers' attention (default: sdpa)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
-    seed: int = Field(0, description="torch seed (weights are loaded, so it only affects dropout, if any)")
+    seed: int = Field(
+        0, description="torch seed (dropout, if any) and the seed of the samples' assignment to ranks"
+    )
+    parallelism: Parallelism = Parallelism.AUTO
+    collective_timeout_s: PositiveFloat = Field(
+        600.0, description="seconds a rank waits in a collective before the run fails (a lost rank)"
+    )
     save_every: NonNegativeInt = Field(0, description="checkpoint every N steps; 0: only at the end")
     save_final: bool = True
     progress: bool = Field(True, description="rich progress bar and a metrics line per step")

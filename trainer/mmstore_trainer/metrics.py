@@ -59,8 +59,8 @@ class MetricsWriter:
         self.path = path
         self._f: IO[str] = path.open("w", encoding="utf-8")
 
-    def write(self, metrics: StepMetrics) -> None:
-        self._f.write(json.dumps(metrics.to_dict()) + "\n")
+    def write(self, metrics: StepMetrics, extra: dict | None = None) -> None:
+        self._f.write(json.dumps({**metrics.to_dict(), **(extra or {})}) + "\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from mmstore_trainer.metrics import StepMetrics
 class RunProgress:
     """Context manager; :meth:`loaded` is safe to call from loader threads."""
 
-    def __init__(self, total_samples: int, total_steps: int, *, enabled: bool = True) -> None:
+    def __init__(self, total_samples: int | None, total_steps: int, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self._lock = threading.Lock()
         self.images = 0

@@ -7,7 +7,9 @@ its position scheme; it asks the family. A family answers five questions:
 * how many image placeholder tokens that grid implies (checked against the sample's ids);
 * the position ids of one sample, from the model's own function (e.g. Qwen's multimodal rope);
 * how per-sample position ids concatenate so that attention does not cross samples;
-* the forward kwargs of a packed micro-batch.
+* the forward kwargs of a packed micro-batch;
+* which of the model's modules FSDP may shard as units of their own (modules that run in every
+  forward, whatever the micro-batch holds).
 
 Families register with :func:`register`, keyed by the layout family of
 :mod:`mmstore_client.layouts` (the descriptor's ``family``), so the descriptor, the layout and
@@ -78,6 +80,12 @@ class Family(ABC):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, model_inputs: Mapping[str, torch.Tensor]
     ) -> dict[str, Any]:
         """Keyword arguments of ``model(...)`` for one packed micro-batch (no KV cache)."""
+
+    def shard_units(self, model: Any) -> list[Any]:
+        """Modules FSDP shards one by one (the rest is sharded with the root, gathered whole for
+        each forward). Only modules that run in every forward qualify: the ranks' all-gathers
+        must pair up. None by default (correct for any model, the least memory-efficient)."""
+        return []
 
 
 _FAMILIES: dict[str, type[Family]] = {}

@@ -13,6 +13,8 @@
   varlen kernel. So each sample's first row is ``arange(len)``: it resets at every boundary.
   The vision tower already attends per image (``cu_seqlens`` from ``image_grid_thw``).
   ``use_cache=False`` is required: with a cache, transformers skips the packed-mask detection.
+* FSDP units: the language model's decoder layers, which every forward runs. The vision tower
+  runs only for micro-batches with images, so it stays in the root unit.
 """
 
 from __future__ import annotations
@@ -67,3 +69,6 @@ class QwenVLFamily(Family):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, model_inputs: Mapping[str, torch.Tensor]
     ) -> dict[str, Any]:
         return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False, **model_inputs}
+
+    def shard_units(self, model: Any) -> list[Any]:
+        return list(model.model.language_model.layers)
