@@ -23,7 +23,7 @@ import pytest
 from mmstore_client import StoreClient, compute_digest, decode, make_ref
 from mmstore_client.render import Renderer
 from PIL import Image
-from support import ServerProcess, free_port, image_bytes, noise_png, store_process
+from support import FetchingRenderer, ServerProcess, free_port, image_bytes, noise_png, store_process
 
 slow = pytest.mark.slow  # the tests that use the vLLM server
 RUN = "plugin-tests"
@@ -124,7 +124,7 @@ def store_client(plugin_store):
 
 @pytest.fixture(scope="module")
 def renderer(tiny_qwen2_vl, store_client):
-    return Renderer.from_pretrained(tiny_qwen2_vl, store_client.get)
+    return FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), store_client)
 
 
 @pytest.fixture(scope="module")
