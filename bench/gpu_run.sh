@@ -66,7 +66,7 @@ for s in "$@"; do
         step smoke 420 "$bin/mmstore-smoke" run --model "$model" --out "$smoke_dir"
       cp "$smoke_dir/summary.json" "$OUT/smoke-summary.json" 2>/dev/null ;;
     inference)
-      step inference 480 python3 bench/inference_bench.py --output "$results" --keep-tmp ;;
+      step inference 480 python3 bench/inference_bench.py --output "$results" --keep-tmp --max-model-len 16384 ;;
     openai)
       step openai 540 python3 bench/openai_bench.py --output "$results" --keep-tmp \
         --long-turns 20 --rollouts 32 --max-model-len 40960 ;;

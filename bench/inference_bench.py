@@ -727,7 +727,8 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         **opts,
         "command": f"{env_prefix()}python bench/inference_bench.py "
         f"--convs {opts['convs']} --turns {opts['turns']} --cold-sets {opts['cold_sets']} "
-        f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g}",
+        f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g} "
+        f"--max-model-len {opts['max_model_len']}",
     }
     if opts["write"]:
         info = machine()  # a GPU run has its own section: a CPU run never replaces its figures
