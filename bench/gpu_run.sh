@@ -29,6 +29,7 @@ bin=$(dirname "$py")
 export PYTHONPATH=$root/clients:$root/services/mmstore:$root/services/inference:$root/trainer:$root/rollout${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 MMSTORE_BENCH_MODEL=${MMSTORE_BENCH_MODEL:-qwen2-vl-2b} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 export MMSTORE_BENCH_CACHE=${MMSTORE_BENCH_CACHE:-/tmp/mmstore-models}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # local checkpoints only: never wait on a hub
 for entry in mmstore:mmstore.cli mmstore-inference:mmstore_inference.cli \
              mmstore-smoke:mmstore_rollout.cli mmstore-trainer:mmstore_trainer.cli; do
   name=${entry%%:*}
@@ -66,9 +67,9 @@ for s in "$@"; do
         step smoke 420 "$bin/mmstore-smoke" run --model "$model" --out "$smoke_dir"
       cp "$smoke_dir/summary.json" "$OUT/smoke-summary.json" 2>/dev/null ;;
     inference)
-      step inference 480 python3 bench/inference_bench.py --output "$results" --keep-tmp --max-model-len 16384 ;;
+      step inference 420 python3 bench/inference_bench.py --output "$results" --keep-tmp --max-model-len 16384 --gap 0.5 ;;
     openai)
-      step openai 540 python3 bench/openai_bench.py --output "$results" --keep-tmp \
+      step openai 540 python3 bench/openai_bench.py --output "$results" --keep-tmp --convs 2 --gap 0.5 \
         --long-turns 20 --rollouts 32 --max-model-len 40960 ;;
     trainer)
       step trainer 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b --output "$results" ;;
