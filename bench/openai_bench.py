@@ -313,6 +313,7 @@ def long_rows(results: list[Result], turns: int) -> list[list[str]]:
             cells = [phase, str(t), str(2 * t)]
             cells += [f"{by[p].latency_s * 1e3:.1f}" if p in by else "" for p in LONG_PATHS]
             cells += [f"{theirs.latency_s / refs.latency_s:.2f}x", f"{overhead_ms(refs):.1f}"]
+            cells += [f"{refs.server.get('render_s', 0.0):.1f}"]
             bridged = by.get("chat refs+bridge")
             cells += [f"{overhead_ms(bridged):.1f}" if bridged else ""]
             rows.append(cells)
@@ -326,6 +327,7 @@ LONG_COLS = [
     *(f"{p} ms" for p in LONG_PATHS),
     "vLLM / refs",
     "refs overhead ms",
+    "refs render ms",
     "bridged overhead ms",
 ]
 
