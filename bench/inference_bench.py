@@ -590,7 +590,7 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         f"is slow). Warm: {st['warm_passes']} more pass(es) over the same conversations. Blocks of "
         f"one conversation alternate between the paths (order flipped every block) with a "
         f"{st['gap']:g} s pause between blocks, since an idle vLLM worker busy-polls for 1 s after "
-        "its last request and both workers are pinned to the same core.",
+        + ("its last request." if gpu else "its last request and both workers are pinned to the same core."),
         "- (a) is timed in the client around `AsyncInferenceClient.generate` (body encoding, "
         "HTTP on loopback, response parsing included); (b) around `AsyncLLM.generate` in this process.",
         f"- Command: `{st['command']}`",
