@@ -95,12 +95,29 @@ def machine() -> dict[str, str]:
         pass
     return {
         "date": utc_now(),
+        "gpu": gpu_name(),
         "nproc": str(len(os.sched_getaffinity(0))),
         "cpu": cpu_model(),
         "memory": mem,
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
+
+
+def gpu_name() -> str:
+    """The GPU the engines run on (``nvidia-smi``'s name and memory), or ``""`` without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    name, mem, driver = (x.strip() for x in out.splitlines()[0].split(","))
+    return f"{name} ({mem}, driver {driver})"
 
 
 def loadavg() -> str:
@@ -286,17 +303,42 @@ def start_store(
     return procs.start(cmd, log, env=env), f"http://127.0.0.1:{port}"
 
 
-def engine_flags(max_model_len: int = 4096) -> list[str]:
-    """vLLM's engine arguments for the tiny model on CPU, the same for every server compared."""
-    return [
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.1",
-        "--max-model-len",
-        str(max_model_len),
-        "--dtype",
-        "float32",
-    ]
+def on_gpu() -> bool:
+    """Whether vLLM and the trainer will run on a GPU here (the benches then use bf16, CUDA)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_settings(max_model_len: int = 4096, gpu_share: float = 0.4) -> dict:
+    """vLLM's engine settings for every server a bench compares (the same for each of them).
+
+    CPU: float32, eager, a tenth of RAM. GPU: bfloat16, ``gpu_share`` of the GPU's memory for
+    each engine (two engines share it), eager unless ``MMSTORE_BENCH_EAGER=0`` (CUDA graphs and
+    torch.compile then: a slower start, a shorter floor).
+    """
+    if not on_gpu():
+        cpu = dict(dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True)
+        return {**cpu, "max_model_len": max_model_len}
+    eager = os.environ.get("MMSTORE_BENCH_EAGER", "1") != "0"
+    gpu = dict(dtype="bfloat16", gpu_memory_utilization=gpu_share, enforce_eager=eager)
+    return {**gpu, "max_model_len": max_model_len}
+
+
+def engine_flags(max_model_len: int = 4096, gpu_share: float = 0.4) -> list[str]:
+    """:func:`engine_settings` as command-line flags (``mmstore-inference serve``, vLLM's server)."""
+    s = engine_settings(max_model_len, gpu_share)
+    flags = ["--enforce-eager"] if s["enforce_eager"] else []
+    flags += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"])]
+    return [*flags, "--max-model-len", str(s["max_model_len"]), "--dtype", s["dtype"]]
+
+
+def engine_text(max_model_len: int = 4096, gpu_share: float = 0.4) -> str:
+    """:func:`engine_settings` in words, for a section's Settings."""
+    s = engine_settings(max_model_len, gpu_share)
+    mode = "`enforce_eager`" if s["enforce_eager"] else "CUDA graphs + torch.compile"
+    cpu = ", `VLLM_CPU_KVCACHE_SPACE=1`" if not on_gpu() else " each"
+    return f"{s['dtype']}, {mode}, `gpu_memory_utilization={s['gpu_memory_utilization']}`{cpu}"
 
 
 def start_inference(
@@ -321,6 +363,56 @@ def tiny_model() -> Path:
     from mmstore_trainer.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl", "qwen2_vl")
+
+
+MODELS = {"tiny": ("qwen2_vl", "tiny"), "qwen2-vl-2b": ("qwen2_vl-2b", "2b")}
+
+
+def bench_model(name: str | None = None) -> Path:
+    """The checkpoint a bench serves: ``name`` (default: ``MMSTORE_BENCH_MODEL``, else ``tiny``) is
+    ``tiny`` (CPU), ``qwen2-vl-2b`` (Qwen2-VL-2B-sized random weights, bf16: for a GPU; built once
+    under ``MMSTORE_BENCH_CACHE``, default ``.cache/tiny-models``, about 4.4 GB) or a checkpoint
+    folder."""
+    name = name or os.environ.get("MMSTORE_BENCH_MODEL", "tiny")
+    if name not in MODELS:
+        if not (Path(name) / "config.json").exists():
+            known = " or ".join(MODELS)
+            raise typer.BadParameter(f"MMSTORE_BENCH_MODEL={name!r}: not {known}, nor a checkpoint folder")
+        return Path(name)
+    from mmstore_trainer.tiny_model import ensure_tiny_model
+
+    folder, size = MODELS[name]
+    cache = Path(os.environ.get("MMSTORE_BENCH_CACHE", ROOT / ".cache" / "tiny-models"))
+    return ensure_tiny_model(cache / folder, "qwen2_vl", size=size)
+
+
+def env_prefix() -> str:
+    """The bench settings of this run's environment, as they prefix its command line."""
+    names = ("MMSTORE_BENCH_MODEL", "MMSTORE_BENCH_EAGER")
+    return "".join(f"{n}={os.environ[n]} " for n in names if n in os.environ)
+
+
+def model_text(model: Path) -> str:
+    """The checkpoint in words (parameters from its safetensors headers), for a section's Settings."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is no dict)
+                n += math.prod(st.get_slice(key).get_shape())
+    kind = json.loads((model / "config.json").read_text()).get("model_type", "?")
+    size = f"{n / 1e9:.2f} B" if n > 1e8 else f"{n / 1e6:.1f} M"
+    if n < 1e8:
+        what = "the tiny random-weight Qwen2-VL (`mmstore_trainer.tiny_model`)"
+    elif kind == "qwen2_vl":
+        what = "a Qwen2-VL-2B-sized checkpoint with random weights (`tiny_model.build_qwen2_vl_2b`)"
+    else:
+        what = f"a {kind} checkpoint"
+    return f"{what}, {size} parameters"
 
 
 # --------------------------------------------------------------------------- cleanup

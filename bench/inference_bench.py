@@ -44,19 +44,24 @@ from benchlib import (
     Processes,
     WriteOption,
     add_to_path,
+    bench_model,
     cleanup,
     console,
+    engine_settings,
+    engine_text,
+    env_prefix,
     interrupt_on,
     loadavg,
     machine,
     make_app,
     md_table,
     med,
+    model_text,
+    on_gpu,
     open_env,
     rich_table,
     start_inference,
     start_store,
-    tiny_model,
     wait_ready,
     write_section,
 )
@@ -173,11 +178,8 @@ def engine_args(model: Path, max_model_len: int):
     return AsyncEngineArgs(
         model=str(model),
         tokenizer=str(model),
-        dtype="float32",
         logprobs_mode="processed_logprobs",
-        max_model_len=max_model_len,
-        gpu_memory_utilization=0.1,
-        enforce_eager=True,
+        **engine_settings(max_model_len),
         limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},
         seed=0,
         enable_prefix_caching=True,
@@ -506,8 +508,9 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
     warm = next(s for s in summaries if s.phase == "warm")
     decode_sum = sum(c["decode_ms"] for c in costs.values())
     get_sum = sum(c["get_ms"] for c in costs.values())
+    gpu = info["gpu"]
     lines = [
-        "## Inference",
+        "## Inference on a GPU" if gpu else "## Inference",
         "",
         "The same multi-turn conversations through (a) `mmstore-inference` with refs and (b) vLLM "
         "given the decoded images directly in-process (the floor), side by side in one run of "
@@ -515,11 +518,17 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         "latency; cold <= 2 ms per image plus transfer. Overhead = (a) - (b) per request, paired "
         "(same request on both paths).",
         "",
-        f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, Linux {info['kernel']}, "
+        f"Machine: {'GPU ' + gpu + ', ' if gpu else ''}{info['nproc']} CPUs ({info['cpu']}), "
+        f"{info['memory']} RAM, Linux {info['kernel']}, "
         f"Python {info['python']}, {st['versions']}. Date: {info['date']}. Load average "
-        f"before/after: {st['load_before']} / {st['load_after']} (shared machine: other engineers' "
-        "test runs compete for the 2 cores, and on 2 cores the store, both API processes and the "
-        "client share the core that vLLM's worker is not pinned to).",
+        f"before/after: {st['load_before']} / {st['load_after']}"
+        + (
+            "."
+            if gpu
+            else " (shared machine: other engineers' test runs compete for the 2 cores, and on 2 "
+            "cores the store, both API processes and the client share the core that vLLM's worker "
+            "is not pinned to)."
+        ),
         "",
         *md_table(SUMMARY_COLS, [summary_cells(s) for s in summaries], LEFT),
         "",
@@ -544,8 +553,9 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         f"5% is {warm.b_ms * WARM_TARGET:.1f} ms. The "
         "service's fetch step is cache hits (microseconds); what remains is HTTP + JSON + pydantic "
         "validation of ids and descriptors on both ends (the HTTP+JSON column: client latency minus "
-        "the service's own total) plus the service's checks. The tiny model makes (b) very short: "
-        f"the same absolute overhead would be within 5% of any (b) above {warm.d_ms / WARM_TARGET:.0f} ms.",
+        "the service's own total) plus the service's checks. "
+        + ("" if gpu else "The tiny model makes (b) very short: ")
+        + f"the same absolute overhead would be within 5% of any (b) above {warm.d_ms / WARM_TARGET:.0f} ms.",
         f"- Cold: {cold.per_new_ms:+.2f} ms per new image (all of the request's overhead charged to "
         f"its {cold.new:.0f} new images), {cold.per_image_ms:+.2f} ms per image in the request; the "
         f"target allows {COLD_TARGET_MS:g} ms + the measured GET per image. The service's fetch_s "
@@ -557,15 +567,18 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
             if any(c["probe_ms"] > 0.2 * c["decode_ms"] for c in costs.values())
             else ""
         ),
-        "- Noise: single requests vary by several ms on this shared 2-core machine; the IQR column "
-        "shows the spread of the paired differences. Differences under ~2 ms per request are within "
-        "noise.",
+        (
+            "- Noise: the IQR column shows the spread of the paired differences."
+            if gpu
+            else "- Noise: single requests vary by several ms on this shared 2-core machine; the IQR "
+            "column shows the spread of the paired differences. Differences under ~2 ms per request "
+            "are within noise."
+        ),
         "",
         "Settings:",
         "",
-        f"- Model: the tiny random-weight Qwen2-VL (`mmstore_trainer.tiny_model`, max_pixels 28*28*64: "
-        f"each image {st['tokens']}), float32, `enforce_eager`, `gpu_memory_utilization=0.1`, "
-        f"`VLLM_CPU_KVCACHE_SPACE=1`, max_model_len {st['max_model_len']}, prefix caching on, "
+        f"- Model: {st['model']} (each image {st['tokens']}), {st['engine']}, "
+        f"max_model_len {st['max_model_len']}, prefix caching on, "
         f"`logprobs_mode=processed_logprobs`, `limit_mm_per_prompt={{'image': {MAX_IMAGES}, 'video': 0}}`, "
         "seed 0; (b) is built from the same `AsyncEngineArgs` the service builds.",
         f"- Workload: {st['convs']} conversations per image set x {st['turns']} turns, 2 new images per "
@@ -578,7 +591,7 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         f"is slow). Warm: {st['warm_passes']} more pass(es) over the same conversations. Blocks of "
         f"one conversation alternate between the paths (order flipped every block) with a "
         f"{st['gap']:g} s pause between blocks, since an idle vLLM worker busy-polls for 1 s after "
-        "its last request and both workers are pinned to the same core.",
+        + ("its last request." if gpu else "its last request and both workers are pinned to the same core."),
         "- (a) is timed in the client around `AsyncInferenceClient.generate` (body encoding, "
         "HTTP on loopback, response parsing included); (b) around `AsyncLLM.generate` in this process.",
         f"- Command: `{st['command']}`",
@@ -598,9 +611,14 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
 
     t_start = time.monotonic()
     load_before = loadavg()
-    model = tiny_model()
+    model = bench_model()
+    gpu = on_gpu()
+    if gpu:  # (b)'s engine in this process runs on the GPU too: its sampler needs what the service sets
+        from mmstore_inference.engine import engine_environment
 
-    # ---- store, then the service (its engine loads while ours does)
+        engine_environment(True)
+
+    # ---- store, then the service (on CPU its engine loads while ours does)
     env = open_env()
     store_log = tmp / "mmstore.log"
     p_store, store_url = start_store(procs, tmp / "root", store_log, env=env)
@@ -616,6 +634,8 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     t0 = time.monotonic()
     llm = None
     try:
+        if gpu:  # one at a time: vLLM's memory profiling counts another engine's allocations as its own
+            await wait_ready(f"{inf_url}/readyz", p_inf, inf_log, 600)
         # synchronous on purpose (the service's engine loads in its own process meanwhile): a
         # Ctrl-C then interrupts it here, where a thread running it could not be interrupted
         llm = AsyncLLM.from_engine_args(engine_args(model, opts["max_model_len"]))
@@ -698,20 +718,23 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     import vllm
 
     settings = {
+        "model": model_text(model),
+        "engine": engine_text(opts["max_model_len"]),
         "load_before": load_before,
         "load_after": loadavg(),
         "versions": f"vLLM {vllm.__version__}, transformers {transformers.__version__}, "
         f"torch {torch.__version__}",
         "tokens": "is " + " or ".join(map(str, tokens)) + " tokens",
         **opts,
-        "command": "python bench/inference_bench.py "
+        "command": f"{env_prefix()}python bench/inference_bench.py "
         f"--convs {opts['convs']} --turns {opts['turns']} --cold-sets {opts['cold_sets']} "
-        f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g}",
+        f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g} "
+        f"--max-model-len {opts['max_model_len']}",
     }
     if opts["write"]:
-        write_section(
-            opts["output"], "inference_bench", markdown(summaries, turns, costs, machine(), settings)
-        )
+        info = machine()  # a GPU run has its own section: a CPU run never replaces its figures
+        section = "inference_bench_gpu" if info["gpu"] else "inference_bench"
+        write_section(opts["output"], section, markdown(summaries, turns, costs, info, settings))
         console.print(f"wrote the Inference section of {opts['output']}")
     console.print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 

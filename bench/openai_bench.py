@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import random
 import signal
@@ -43,8 +44,11 @@ from benchlib import (
     RESULTS,
     KeepTmpOption,
     Processes,
+    bench_model,
     cleanup,
     engine_flags,
+    engine_text,
+    env_prefix,
     free_port,
     interrupt_on,
     loadavg,
@@ -52,9 +56,10 @@ from benchlib import (
     make_app,
     md_table,
     med,
+    model_text,
+    on_gpu,
     start_inference,
     start_store,
-    tiny_model,
     utc_now,
     wait_ready,
     write_section,
@@ -152,9 +157,11 @@ class Runner:
 
         return make_ref(compute_digest(data))
 
-    async def turn(self, conv: Conversation, t: int, phase: str, previous: list[int] | None) -> Result:
+    async def turn(
+        self, conv: Conversation, t: int, phase: str, previous: list[int] | None, sampling: dict | None = None
+    ) -> Result:
         o = self.opts
-        common = {"max_tokens": o["max_tokens"], "temperature": 0.0}
+        common = sampling or {"max_tokens": o["max_tokens"], "temperature": 0.0}
         render_ms, server = 0.0, {}
         if conv.path == "generate":
             t0 = time.perf_counter()
@@ -277,13 +284,144 @@ LEFT = ("pass", "path")  # the other columns are numbers
 
 def machine_line() -> str:
     m = machine()
-    return f"{m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, Python {m['python']}"
+    gpu = f"GPU {m['gpu']}, " if m["gpu"] else ""
+    return (
+        f"{gpu}{m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, Python {m['python']}"
+    )
+
+
+# --------------------------------------------------------------------------- long conversation
+
+LONG_PATHS = ("chat refs", "chat refs+bridge", "vLLM data URIs")
+SPEEDUP_TARGETS = {5: 1.5, 20: 4.0}  # issue: refs at least 1.5x faster at turn 5, 4x at turn 20 (warm)
+
+
+def overhead_ms(r: Result) -> float:
+    """What the service adds to a request over its engine: client latency minus vLLM generate."""
+    return r.latency_s * 1e3 - r.server.get("generate_s", 0.0)
+
+
+def long_rows(results: list[Result], turns: int) -> list[list[str]]:
+    """Per turn: each path's latency, vLLM's over refs (speedup) and the refs path's overhead."""
+    rows = []
+    for phase in ("cold", "warm"):
+        for t in range(1, turns + 1):
+            by = {r.path: r for r in results if r.phase == phase and r.turn == t}
+            if "chat refs" not in by or "vLLM data URIs" not in by:
+                continue
+            refs, theirs = by["chat refs"], by["vLLM data URIs"]
+            cells = [phase, str(t), str(2 * t)]
+            cells += [f"{by[p].latency_s * 1e3:.1f}" if p in by else "" for p in LONG_PATHS]
+            cells += [f"{theirs.latency_s / refs.latency_s:.2f}x", f"{overhead_ms(refs):.1f}"]
+            cells += [f"{refs.server.get('render_s', 0.0):.1f}"]
+            bridged = by.get("chat refs+bridge")
+            cells += [f"{overhead_ms(bridged):.1f}" if bridged else ""]
+            rows.append(cells)
+    return rows
+
+
+LONG_COLS = [
+    "pass",
+    "turn",
+    "images",
+    *(f"{p} ms" for p in LONG_PATHS),
+    "vLLM / refs",
+    "refs overhead ms",
+    "refs render ms",
+    "bridged overhead ms",
+]
+
+
+def long_verdict(results: list[Result], turns: int) -> list[str]:
+    """The issue's targets on the warm pass: speedups at turns 5 and 20, overhead flat 5..20."""
+    warm = {(r.path, r.turn): r for r in results if r.phase == "warm"}
+    out = []
+    for t, target in SPEEDUP_TARGETS.items():
+        if ("chat refs", t) in warm and ("vLLM data URIs", t) in warm:
+            x = warm[("vLLM data URIs", t)].latency_s / warm[("chat refs", t)].latency_s
+            out.append(
+                f"turn {t}: refs {x:.2f}x faster than vLLM's server "
+                f"(target {target:g}x: {'met' if x >= target else 'NOT met'})"
+            )
+    for path in ("chat refs", "chat refs+bridge"):
+        mid = [overhead_ms(warm[(path, t)]) for t in range(5, turns + 1) if (path, t) in warm]
+        if len(mid) > 1:
+            out.append(
+                f"{path} overhead (latency - vLLM generate) over turns 5..{turns}: "
+                f"{min(mid):.1f} .. {max(mid):.1f} ms (median {med(mid):.1f})"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+THROUGHPUT_PATHS = ("chat refs", "vLLM data URIs")
+
+
+async def throughput(runner: Runner, store, convs: list[Conversation], max_tokens: int) -> dict[str, float]:
+    """Every conversation as a concurrent rollout: turn by turn, each turn's new images uploaded
+    first (refs: one PUT each, counted) or sent inline (data URIs); sampled at temperature 1."""
+    sampling = {"max_tokens": max_tokens, "temperature": 1.0, "seed": 0}
+    results: list[Result] = []
+
+    async def rollout(conv: Conversation) -> None:
+        for t in range(len(conv.images)):
+            if conv.path != "vLLM data URIs":
+                for data in conv.images[t]:
+                    await asyncio.to_thread(store.put, data, RUN)
+            results.append(await runner.turn(conv, t, "throughput", None, sampling))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(rollout(c) for c in convs))
+    wall = time.perf_counter() - t0
+    images = sum(len(turn) for c in convs for turn in c.images)
+    lat = [r.latency_s * 1e3 for r in results]
+    return {
+        "rollouts": len(convs),
+        "requests": len(results),
+        "wall_s": wall,
+        "images_per_s": images / wall,
+        "tokens_per_s": sum(len(r.tokens) for r in results) / wall,
+        "prompt_tokens_per_s": sum(len(r.prompt) for r in results) / wall,
+        "p50_ms": med(lat),
+        "p90_ms": statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0],
+    }
+
+
+def throughput_rows(tp: dict[str, dict]) -> list[list[str]]:
+    return [
+        [
+            path,
+            str(r["rollouts"]),
+            str(r["requests"]),
+            f"{r['wall_s']:.1f}",
+            f"{r['images_per_s']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['prompt_tokens_per_s']:.0f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p90_ms']:.0f}",
+        ]
+        for path, r in tp.items()
+    ]
+
+
+THROUGHPUT_COLS = [
+    "path",
+    "rollouts",
+    "requests",
+    "wall s",
+    "new images/s",
+    "generated tokens/s",
+    "prompt tokens/s",
+    "request p50 ms",
+    "request p90 ms",
+]
 
 
 def markdown(results: list[Result], agree: dict, info: dict) -> str:
     o = info["opts"]
     lines = [
-        "## OpenAI-compatible endpoint",
+        "## OpenAI-compatible endpoint on a GPU" if info["gpu"] else "## OpenAI-compatible endpoint",
         "",
         "Latency per request of `POST /v1/chat/completions` (the service offloads inline images, renders, "
         "then runs the checked generate path) against `POST /v1/generate` with ids the client rendered, "
@@ -292,8 +430,13 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
         "(so every path's cold pass is cold); turn k's request carries the whole conversation, 2k images.",
         "",
         f"Machine: {info['machine']}, {info['versions']}. Date: {info['date']}. Load average before/after: "
-        f"{info['load_before']} / {info['load_after']} (a shared machine: other engineers' runs compete for "
-        "the 2 cores, and both servers' engine workers are pinned to the same core).",
+        f"{info['load_before']} / {info['load_after']}"
+        + (
+            "."
+            if info["gpu"]
+            else " (a shared machine: other engineers' runs compete for the 2 cores, and both servers' "
+            "engine workers are pinned to the same core)."
+        ),
         "",
         *md_table(SUMMARY_COLS, summary_rows(results), LEFT),
         "",
@@ -311,10 +454,16 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
         "",
         "Settings:",
         "",
-        f"- Model: the tiny random-weight Qwen2-VL (`mmstore_trainer.tiny_model`; each image is "
-        f"{info['tokens']} tokens), float32, `--enforce-eager`, `gpu_memory_utilization` 0.1, "
-        "`VLLM_CPU_KVCACHE_SPACE=1`, max_model_len 4096, `logprobs_mode=processed_logprobs`, seed 0, "
-        "`limit_mm_per_prompt` 16 images, on both servers; vLLM's server with `--generation-config vllm`.",
+        f"- Model: {info['model']} (each image is {info['tokens']} tokens), {info['engine']}, "
+        f"max_model_len {o['max_model_len']}, `logprobs_mode=processed_logprobs`, seed 0, "
+        f"`limit_mm_per_prompt` {o['max_images']} images, on both servers; vLLM's server with "
+        "`--generation-config vllm`"
+        + (
+            ", and `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1` (max_model_len over the config's 32768 positions: "
+            "M-RoPE gives an image far fewer positions than tokens)."
+            if o["max_model_len"] > 32768
+            else "."
+        ),
         f"- Workload: {o['convs']} conversations x {o['turns']} turns per path, 2 new images a turn (a "
         "1280x720 screenshot-like PNG, a 640x480 photo-like JPEG), fixed user and assistant texts; greedy, "
         f"max_tokens {o['max_tokens']}, logprobs on. One warm-up conversation per path first (not counted). "
@@ -328,6 +477,30 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
         "reply's tokens as `mmstore.previous_token_ids`.",
         f"- Command: `{info['command']}`",
     ]
+    if info["long"]:
+        lines[lines.index("Agreement:") : lines.index("Agreement:")] = [
+            f"A long conversation: one per path, {o['long_turns']} turns, 2 new images a turn (turn "
+            f"{o['long_turns']} carries {2 * o['long_turns']}), cold then warm. vLLM's server decodes and "
+            "hashes every image of the conversation every turn; the ref paths pay for new images only. "
+            "Targets (issue 18, warm): refs at least 1.5x faster at turn 5 and 4x at turn 20, the "
+            "refs path's overhead flat from turn 5 on. Overhead = client latency - the service's vLLM "
+            "generate time.",
+            "",
+            *md_table(LONG_COLS, long_rows(info["long"], o["long_turns"]), LEFT),
+            "",
+            *[f"- {line}" for line in long_verdict(info["long"], o["long_turns"])],
+            "",
+        ]
+    if info["throughput"]:
+        lines[lines.index("Agreement:") : lines.index("Agreement:")] = [
+            f"Throughput: {o['rollouts']} concurrent multi-turn rollouts per path, {o['rollout_turns']} "
+            "turns each, 2 new images a turn (refs: each new image PUT to the store by the rollout, "
+            "counted; data URIs: inline), temperature 1, max_tokens "
+            f"{o['rollout_tokens']}; each path with new images, one path after the other.",
+            "",
+            *md_table(THROUGHPUT_COLS, throughput_rows(info["throughput"]), ("path",)),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -337,23 +510,36 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
 
     t_start = time.monotonic()
     load_before = loadavg()
-    model = tiny_model()
+    model = bench_model()
+    gpu = on_gpu()
     opts["model"] = model.name
-    # every MMSTORE_ setting dropped: the servers run with their defaults
+    # every MMSTORE_ setting dropped: the servers run with their defaults, but for the image limit
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSTORE_")}
     env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env |= {"MMSTORE_INFERENCE_MAX_IMAGES_PER_PROMPT": str(opts["max_images"])}
+    if opts["max_model_len"] > 32768:  # Qwen2-VL's config says 32768 positions
+        env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    if gpu:  # vLLM's own server needs the sampler setting the service makes for itself
+        from mmstore_inference.engine import engine_environment
+
+        engine_environment(True, env)
     logs = {k: tmp / f"{k}.log" for k in ("store", "inference", "vllm")}
     urls: dict[str, str] = {}
     p_store, urls["store"] = start_store(procs, tmp / "root", logs["store"], env)
     await wait_ready(f"{urls['store']}/healthz", p_store, logs["store"], 30)
-    p_inf, urls["inference"] = start_inference(procs, model, urls["store"], logs["inference"], env)
+    p_inf, urls["inference"] = start_inference(
+        procs, model, urls["store"], logs["inference"], env, opts["max_model_len"]
+    )
+    if gpu:  # one at a time: vLLM's memory profiling counts another engine's allocations as its own
+        await wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 600)
     port = free_port()
     urls["vllm"] = f"http://127.0.0.1:{port}"
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    vllm_cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), *engine_flags()]
+    vllm_cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port)]
+    vllm_cmd += engine_flags(opts["max_model_len"])
     vllm_cmd += [
         "--limit-mm-per-prompt",
-        '{"image": 16, "video": 0}',
+        json.dumps({"image": opts["max_images"], "video": 0}),
         "--logprobs-mode",
         "processed_logprobs",
     ]
@@ -361,8 +547,8 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     p_vllm = procs.start(vllm_cmd, logs["vllm"], env)
     t0 = time.monotonic()
     await asyncio.gather(
-        wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 420),
-        wait_ready(f"{urls['vllm']}/health", p_vllm, logs["vllm"], 420),
+        wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 600),
+        wait_ready(f"{urls['vllm']}/health", p_vllm, logs["vllm"], 600),
     )
     print(f"servers ready in {time.monotonic() - t0:.0f}s (logs in {tmp})", flush=True)
 
@@ -413,6 +599,48 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
                 n += 1
                 same_prompt += mine.prompt == theirs.prompt
                 same_tokens += mine.tokens == theirs.tokens
+
+        long: list[Result] = []
+        if opts["long_turns"]:
+            t0 = time.monotonic()
+            for k, path in enumerate(LONG_PATHS):
+                seed = 100_000 * (k + 1)
+                images = [[screenshot_png(seed + t), photo_jpeg(seed + t)] for t in range(opts["long_turns"])]
+                conv = Conversation(path, 0, images)
+                if path != "vLLM data URIs":
+                    for turn in images:
+                        for data in turn:
+                            store.put(data, RUN)
+                for phase in ("cold", "warm"):
+                    await asyncio.sleep(opts["gap"])
+                    long += await runner.conversation(conv, phase)
+            print(f"long conversation ({opts['long_turns']} turns): {time.monotonic() - t0:.1f}s", flush=True)
+            for line in long_verdict(long, opts["long_turns"]):
+                print("  " + line, flush=True)
+
+        tp: dict[str, dict] = {}
+        if opts["rollouts"]:
+            for k, path in enumerate(THROUGHPUT_PATHS):
+                seed = 1_000_000 * (k + 1)
+                rollouts = [
+                    Conversation(
+                        path,
+                        c,
+                        [
+                            [screenshot_png(seed + 100 * c + t), photo_jpeg(seed + 100 * c + t)]
+                            for t in range(opts["rollout_turns"])
+                        ],
+                    )
+                    for c in range(opts["rollouts"])
+                ]
+                await asyncio.sleep(opts["gap"])
+                tp[path] = await throughput(runner, store, rollouts, opts["rollout_tokens"])
+                r = tp[path]
+                print(
+                    f"throughput {path}: {r['images_per_s']:.1f} new images/s, {r['tokens_per_s']:.0f} "
+                    f"generated tokens/s, {r['wall_s']:.1f}s",
+                    flush=True,
+                )
     # every path's prompts against the client-side renderer (all images are in the store now)
     exact: dict[str, list[bool]] = {p: [] for p in PATHS}
     tokens_per_image: set[int] = set()
@@ -480,6 +708,11 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         "the new messages.",
     ]
     info = {
+        "gpu": gpu,
+        "model": model_text(model),
+        "engine": engine_text(opts["max_model_len"]),
+        "long": long,
+        "throughput": tp,
         "machine": machine_line(),
         "versions": f"vLLM {vllm.__version__}, transformers {transformers.__version__}, "
         f"torch {torch.__version__}",
@@ -489,13 +722,13 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         "tokens": " or ".join(map(str, tokens_per_image)),
         "opts": opts,
         "reading": reading,
-        "command": f"python bench/openai_bench.py --convs {opts['convs']} --turns {opts['turns']} "
-        f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g}",
+        "command": f"{env_prefix()}python bench/openai_bench.py " + " ".join(sys.argv[1:]),
     }
     section = markdown(results, agree, info)
     print(section)
     if opts["write"]:
-        write_section(opts["output"], "openai_bench", section)
+        # a GPU run has its own section: a CPU run never replaces its figures
+        write_section(opts["output"], "openai_bench_gpu" if gpu else "openai_bench", section)
         print(f"wrote the openai_bench section of {opts['output']}")
     print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 
@@ -507,13 +740,23 @@ def main(
     warm_passes: Annotated[int, typer.Option(help="warm passes over the same conversations")] = 1,
     max_tokens: Annotated[int, typer.Option(help="tokens sampled per request (greedy)")] = 8,
     gap: Annotated[float, typer.Option(help="seconds between blocks (idle workers stop busy-polling)")] = 1.1,
+    long_turns: Annotated[
+        int, typer.Option(help="also one long conversation per ref path and vLLM (0: none; 20: 40 images)")
+    ] = 0,
+    rollouts: Annotated[
+        int, typer.Option(help="also a throughput run: this many concurrent rollouts per path (0: none)")
+    ] = 0,
+    rollout_turns: Annotated[int, typer.Option(help="turns per throughput rollout")] = 5,
+    rollout_tokens: Annotated[int, typer.Option(help="tokens sampled per throughput turn")] = 32,
+    max_model_len: Annotated[
+        int, typer.Option(help="vLLM max_model_len on both servers (a 2B model's turn 20: about 33k tokens)")
+    ] = 4096,
     output: Annotated[Path, typer.Option(help="results file (its openai_bench section)")] = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the section of the results file")] = True,
     keep_tmp: KeepTmpOption = False,
 ) -> None:
     """Measure the OpenAI endpoint against /v1/generate and vLLM's server; print and record it."""
-    if 2 * turns > 16:
-        raise typer.BadParameter(f"turn {turns} would carry {2 * turns} images, over the limit of 16")
+    max_images = max(16, 2 * turns, 2 * long_turns, 2 * rollout_turns * bool(rollouts))
     interrupt_on(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # unwind through the finally block
     opts = dict(
         convs=convs,
@@ -521,6 +764,12 @@ def main(
         warm_passes=warm_passes,
         max_tokens=max_tokens,
         gap=gap,
+        long_turns=long_turns,
+        rollouts=rollouts,
+        rollout_turns=rollout_turns,
+        rollout_tokens=rollout_tokens,
+        max_model_len=max_model_len,
+        max_images=max_images,
         output=output,
         write=write,
     )

@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python bench/trainer_bench.py`` (CPU, tiny Qwen2-VL), or on a GPU machine
 ``python bench/trainer_bench.py --device cuda --config qwen2-vl-2b`` (a Qwen2-VL-2B-sized model
-with random weights, built from the config values below: nothing is downloaded). Starts its own
+with random weights, ``mmstore_trainer.tiny_model.build_qwen2_vl_2b``, built once under ``.cache/``:
+nothing is downloaded). Starts its own
 ``mmstore serve`` from this repository (fresh temporary root, free port; no install needed:
 ``services/mmstore``, ``clients`` and ``trainer`` are put on the path), uploads
 ``--samples`` x ``--images-per-sample`` distinct JPEG images, renders one conversation per sample
@@ -49,12 +50,12 @@ from benchlib import (
     OutputOption,
     Processes,
     add_to_path,
+    bench_model,
     cpu_model,
     loadavg,
     make_app,
     md_table,
     start_store,
-    tiny_model,
     utc_now,
     wait_http,
     write_section,
@@ -63,44 +64,6 @@ from benchlib import (
 add_to_path("clients", "trainer", "services/mmstore")  # run from a checkout without installing
 
 RUN = "trainer-bench"
-
-# Qwen2-VL-2B-Instruct's config.json (text and vision towers); token ids come from the tokenizer.
-QWEN2_VL_2B_TEXT = {
-    "vocab_size": 151936,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    "use_sliding_window": False,
-    "sliding_window": 32768,
-    "max_window_layers": 28,
-    "tie_word_embeddings": True,
-}
-QWEN2_VL_2B_VISION = {
-    "depth": 32,
-    "embed_dim": 1280,
-    "hidden_size": 1536,
-    "hidden_act": "quick_gelu",
-    "mlp_ratio": 4,
-    "num_heads": 16,
-    "in_channels": 3,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
-# Qwen2-VL-2B-Instruct's preprocessor_config.json
-QWEN2_VL_2B_IMAGE_PROCESSOR = {
-    "patch_size": 14,
-    "merge_size": 2,
-    "temporal_patch_size": 2,
-    "min_pixels": 56 * 56,
-    "max_pixels": 28 * 28 * 1280,
-}
 
 app = make_app(__doc__)
 
@@ -127,48 +90,11 @@ def store_process(tmp: Path) -> Iterator[str]:
 # --------------------------------------------------------------------------- model
 
 
-def qwen2_vl_2b_dir(tmp: Path) -> Path:
-    """A checkpoint folder without weights: 2B config, 2B image processor, the tiny tokenizer."""
-    from transformers import AutoProcessor, Qwen2VLConfig
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor
-
-    tiny = AutoProcessor.from_pretrained(str(tiny_model()))
-    tok = tiny.tokenizer
-    ids = {
-        f"{name}_token_id": tok.convert_tokens_to_ids(token)
-        for name, token in (
-            ("image", "<|image_pad|>"),
-            ("video", "<|video_pad|>"),
-            ("vision_start", "<|vision_start|>"),
-            ("vision_end", "<|vision_end|>"),
-        )
-    }
-    config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION, **ids)
-    folder = tmp / "qwen2-vl-2b"
-    config.save_pretrained(folder)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**QWEN2_VL_2B_IMAGE_PROCESSOR),
-        tokenizer=tok,
-        video_processor=tiny.video_processor,
-        chat_template=tiny.chat_template,
-    )
-    processor.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def build_model(kind: str, model_dir: Path, device: str, dtype: str) -> Any:
+def build_model(model_dir: Path, device: str, dtype: str) -> Any:
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    torch_dtype = getattr(torch, dtype)
-    if kind == "tiny":
-        return AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype).to(device)
-    torch.manual_seed(0)
-    with torch.device(device):  # random init directly on the device
-        return AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(model_dir), dtype=torch_dtype
-        )
+    return AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
 
 
 # --------------------------------------------------------------------------- data
@@ -499,7 +425,7 @@ def main(
         store_process(Path(tmp_name)) as url,
     ):
         tmp = Path(tmp_name)
-        model_dir = tiny_model() if config == "tiny" else qwen2_vl_2b_dir(tmp)
+        model_dir = bench_model(config)
         processor = AutoProcessor.from_pretrained(str(model_dir))
         max_pixels = layout_from_pretrained(model_dir).config.max_pixels
         t0 = time.perf_counter()
@@ -521,7 +447,7 @@ def main(
             typer.echo(f"loader workers={w}: {loads[-1]['images_per_s']:.1f} images/s (passes: {spread})")
 
         t0 = time.perf_counter()
-        model = build_model(config, model_dir, device, dtype)
+        model = build_model(model_dir, device, dtype)
         n_params = sum(p.numel() for p in model.parameters())
         typer.echo(
             f"model: {n_params / 1e6:.1f} M parameters, {dtype}, built in {time.perf_counter() - t0:.1f}s"

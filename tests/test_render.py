@@ -100,6 +100,22 @@ def test_multi_image_multi_turn_parity_and_mask(model_dir):
     assert all(d.fingerprint == renderer.layout.fingerprint for d in out.descriptors)
 
 
+def test_compact_tokenization_renders_exactly_what_expanding_every_image_does(model_dir):
+    """The fast path (tokenize one placeholder per image, repeat it) against tokenizing the text
+    with every image expanded, for the ids, the image spans and the assistant mask."""
+    images = Images()
+    messages = conversation(images)
+    renderer = Renderer.from_pretrained(model_dir)
+    headers = images.image_headers(images)
+    fast = renderer.render(messages, headers)
+    assert renderer._expands_by_repeat(fast.descriptors)  # Qwen2-VL / Qwen3-VL: pads only
+    renderer._placeholder_atomic = False  # forces the expansion of every image's text
+    exact = renderer.render(messages, headers)
+    assert fast.token_ids == exact.token_ids
+    assert fast.image_spans == exact.image_spans
+    assert fast.assistant_mask == exact.assistant_mask
+
+
 def test_bridging_keeps_sampled_ids_and_descriptors(tiny_qwen2_vl):
     images = Images()
     messages = conversation(images)

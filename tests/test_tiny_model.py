@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmstore_trainer.tiny_model import build_tiny_qwen2_vl, ensure_tiny_model
+from mmstore_trainer.tiny_model import build_tiny_qwen2_vl, ensure_tiny_model, qwen2_vl_2b_config
 from PIL import Image
 
 
@@ -82,3 +82,22 @@ def test_deterministic_and_idempotent(tiny_dir: Path, tmp_path: Path):
     mtime = (again / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(again) == again  # present: untouched
     assert (again / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_qwen2_vl_2b_config_has_the_real_models_size_and_the_tokenizers_ids():
+    from transformers.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    config = qwen2_vl_2b_config()
+    with torch.device("meta"):  # shapes only: the 2B build itself (4.4 GB) is for a GPU machine
+        model = Qwen2VLForConditionalGeneration(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 2.20e9 < n < 2.22e9  # Qwen2-VL-2B-Instruct: 2.21 B
+    assert config.text_config.vocab_size == 151936 and config.vision_config.depth == 32
+    # the special tokens vLLM and the renderer look for are the tiny tokenizer's
+    assert max(config.image_token_id, config.vision_start_token_id, config.text_config.eos_token_id) < 512
+
+
+def test_2b_size_is_refused_for_qwen3_vl_before_building(tmp_path: Path):
+    with pytest.raises(ValueError, match="'2b'"):
+        ensure_tiny_model(tmp_path / "m", "qwen3_vl", size="2b")
+    assert not (tmp_path / "m").exists()

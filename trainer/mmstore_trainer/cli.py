@@ -136,12 +136,15 @@ def train(
 def make_tiny_model(
     path: Annotated[Path, typer.Argument(help="folder to create (kept if it already holds a model)")],
     family: Annotated[str, typer.Option(help="qwen2_vl or qwen3_vl")] = "qwen2_vl",
+    size: Annotated[
+        str, typer.Option(help="tiny, or 2b: Qwen2-VL-2B's shapes, bf16, ~4.4 GB (qwen2_vl only; for a GPU)")
+    ] = "tiny",
 ) -> None:
-    """Build a tiny random-weight checkpoint (tests, smoke runs) unless PATH already holds one."""
+    """Build a random-weight checkpoint (tiny: tests, smoke runs) unless PATH already holds one."""
     from mmstore_trainer.tiny_model import ensure_tiny_model
 
     try:
-        typer.echo(str(ensure_tiny_model(path, family)))
+        typer.echo(str(ensure_tiny_model(path, family, size)))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

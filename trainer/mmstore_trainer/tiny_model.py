@@ -1,9 +1,15 @@
-"""Tiny random-weight Qwen2-VL / Qwen3-VL checkpoints, built locally (model hubs are unreachable).
+"""Random-weight Qwen2-VL / Qwen3-VL checkpoints, built locally (model hubs are unreachable).
+
+Two sizes: ``tiny`` (about 0.5 M parameters, float32: tests and smoke runs on CPU) and, for
+Qwen2-VL, ``2b`` (Qwen2-VL-2B-Instruct's shapes and image processor, 2.2 B parameters, bfloat16:
+benchmarks and smoke runs on a GPU, where the cost of the real model's size is the point). Both
+share the tiny byte-level tokenizer and the Qwen2-VL chat template; the 2B embedding keeps the
+real vocabulary size (151936 rows), so sampled ids beyond the tokenizer decode to nothing.
 
 The folders load with transformers (``AutoModelForImageTextToText``, ``AutoProcessor``,
-``AutoTokenizer``); the Qwen2-VL one also loads in vLLM. They are for tests and smoke runs only:
-the weights are random, so the outputs are noise, but the shapes, the token layout and the
-image-token expansion are those of the real models.
+``AutoTokenizer``); the Qwen2-VL ones also load in vLLM. The weights are random, so the outputs
+are noise, but the shapes, the token layout and the image-token expansion are those of the real
+models.
 """
 
 from __future__ import annotations
@@ -24,6 +30,45 @@ SPECIAL_TOKENS = [
 ]
 VOCAB_SIZE = 512  # special tokens take ids 0..6, then the 256 byte symbols, then merges
 SEED = 0
+SIZES = ("tiny", "2b")
+
+# Qwen2-VL-2B-Instruct's config.json (text and vision towers); token ids come from the tokenizer.
+QWEN2_VL_2B_TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 28,
+    "tie_word_embeddings": True,
+}
+QWEN2_VL_2B_VISION = {
+    "depth": 32,
+    "embed_dim": 1280,
+    "hidden_size": 1536,
+    "hidden_act": "quick_gelu",
+    "mlp_ratio": 4,
+    "num_heads": 16,
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+# Qwen2-VL-2B-Instruct's preprocessor_config.json
+QWEN2_VL_2B_IMAGE_PROCESSOR = {
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 1280,
+}
 
 # The chat template of Qwen2-VL-*-Instruct. The tiny Qwen3-VL uses it too (the real Qwen3-VL one
 # has no default system message and adds tool calls; the image part is the same).
@@ -90,8 +135,15 @@ def _ids(tok) -> dict[str, int]:
     return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 
-def _text_config(tok) -> dict:
+def _text_config(tok, size: str) -> dict:
     ids = _ids(tok)
+    special = dict(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    if size == "2b":
+        return {**QWEN2_VL_2B_TEXT, "rope_parameters": dict(QWEN2_VL_2B_TEXT["rope_parameters"]), **special}
     return dict(
         vocab_size=len(tok),
         hidden_size=128,
@@ -103,10 +155,8 @@ def _text_config(tok) -> dict:
         max_position_embeddings=4096,
         max_window_layers=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
+        **special,
     )
 
 
@@ -119,7 +169,29 @@ def _save_common(model, tok, processor, out: Path) -> None:
     tok.save_pretrained(out)  # keeps the template in tokenizer_config.json for AutoTokenizer
 
 
-def _build_into(out: Path, family: str) -> Path:
+def _token_ids(tok) -> dict[str, int]:
+    ids = _ids(tok)
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def qwen2_vl_2b_config(tok=None):
+    """Qwen2-VL-2B-Instruct's model config with the special-token ids of ``tok`` (default: the
+    tiny tokenizer), as :func:`build_qwen2_vl_2b` saves it."""
+    from transformers.models import qwen2_vl
+
+    tok = tok or _build_tokenizer()
+    text = _text_config(tok, "2b")
+    return qwen2_vl.Qwen2VLConfig(text_config=text, vision_config=QWEN2_VL_2B_VISION, **_token_ids(tok))
+
+
+def _build_into(out: Path, family: str, size: str = "tiny") -> Path:
+    if size not in SIZES or (size != "tiny" and family != "qwen2_vl"):
+        raise ValueError(f"unknown size {size!r} for {family}; expected 'tiny' (or '2b' for qwen2_vl)")
     import torch
     from transformers.models import qwen2_vl, qwen3_vl
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -127,17 +199,21 @@ def _build_into(out: Path, family: str) -> Path:
 
     torch.manual_seed(SEED)
     tok = _build_tokenizer()
-    ids = _ids(tok)
-    token_ids = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-    }
-    text = _text_config(tok)
+    token_ids = _token_ids(tok)
+    text = _text_config(tok, size)
     vision = {"depth": 2, "num_heads": 2, "spatial_merge_size": 2, "temporal_patch_size": 2}
     pix = {"merge_size": 2, "temporal_patch_size": 2}
-    if family == "qwen2_vl":
+    dtype = torch.float32
+    if family == "qwen2_vl" and size == "2b":
+        config = qwen2_vl_2b_config(tok)
+        dtype = torch.bfloat16
+        # random init where it is fast: 2.2 B parameters take seconds on a GPU, a minute on CPU
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = qwen2_vl.Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        image_processor = qwen2_vl.Qwen2VLImageProcessor(**QWEN2_VL_2B_IMAGE_PROCESSOR)
+        video_processor = Qwen2VLVideoProcessor(**QWEN2_VL_2B_IMAGE_PROCESSOR)
+        processor_cls = qwen2_vl.Qwen2VLProcessor
+    elif family == "qwen2_vl":
         text["rope_parameters"]["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2
         text.pop("head_dim")  # Qwen2-VL derives it: 128 / 2 heads = 64
         vision.update(embed_dim=32, hidden_size=128, mlp_ratio=2, patch_size=14)
@@ -167,11 +243,11 @@ def _build_into(out: Path, family: str) -> Path:
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
-    _save_common(model.to(torch.float32), tok, processor, out)
+    _save_common(model.to(dtype), tok, processor, out)
     return out
 
 
-def _build_atomic(path: Path, family: str, replace: bool = True) -> Path:
+def _build_atomic(path: Path, family: str, replace: bool = True, size: str = "tiny") -> Path:
     """Build into a temp folder beside ``path``, then rename it into place (never half-built).
 
     With ``replace=False`` a folder that appeared meanwhile (a concurrent build) is kept.
@@ -180,7 +256,7 @@ def _build_atomic(path: Path, family: str, replace: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _build_into(tmp, family)
+        _build_into(tmp, family, size)
         tmp.chmod(0o755)  # mkdtemp makes it 0700, safetensors writes 0600
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -220,11 +296,22 @@ def build_tiny_qwen3_vl(path: Path) -> Path:
     return _build_atomic(path, "qwen3_vl")
 
 
-def ensure_tiny_model(path: Path, family: str = "qwen2_vl") -> Path:
-    """Return ``path``, building the tiny ``family`` model there first if it is absent."""
+def build_qwen2_vl_2b(path: Path) -> Path:
+    """Build a Qwen2-VL-2B-sized random checkpoint in ``path`` (bfloat16, about 4.4 GB); return it.
+
+    Text and vision towers: Qwen2-VL-2B-Instruct's config (:data:`QWEN2_VL_2B_TEXT`,
+    :data:`QWEN2_VL_2B_VISION`); image processor: its preprocessor config (max_pixels 28*28*1280,
+    so a 1280x720 screenshot is 1196 tokens). Tokenizer and chat template: the tiny model's.
+    Built on the GPU when there is one. Replaces an existing folder, as the tiny builders do.
+    """
+    return _build_atomic(path, "qwen2_vl", size="2b")
+
+
+def ensure_tiny_model(path: Path, family: str = "qwen2_vl", size: str = "tiny") -> Path:
+    """Return ``path``, building the ``family`` model of ``size`` there first if it is absent."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
     if family not in ("qwen2_vl", "qwen3_vl"):
         raise ValueError(f"unknown family {family!r}; expected 'qwen2_vl' or 'qwen3_vl'")
-    return _build_atomic(path, family, replace=False)
+    return _build_atomic(path, family, replace=False, size=size)

