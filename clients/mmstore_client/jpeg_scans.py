@@ -19,13 +19,9 @@ libjpeg (through Pillow) has two blind spots that hostile or damaged files use:
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import NamedTuple
 
-# A marker: 0xFF (fill bytes allowed) then a code that is not a stuffed zero or a restart (RSTn
-# sits inside entropy-coded data).
-_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])", re.DOTALL)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE = frozenset([0xC2, 0xC6, 0xCA, 0xCE])
 _ARITHMETIC = frozenset(range(0xC9, 0xD0)) - {0xCC}
@@ -91,13 +87,14 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
     end = data_end = len(data)
     pos = 2
     while True:
-        found = _MARKER.search(data, pos)  # libjpeg skips bytes between segments too (with a warning)
+        found = _next_marker(data, pos)  # libjpeg skips bytes between segments too (with a warning)
         if found is None:
             break
-        code, body = found[1][0], found.end() + 2
+        _, code, length_at = found
+        body = length_at + 2
         if code == _EOI or body > end:
             break
-        segment_end = found.end() + struct.unpack_from(">H", data, found.end())[0]
+        segment_end = length_at + struct.unpack_from(">H", data, length_at)[0]
         if code in _SOF and size is None:
             if segment_end > end or segment_end - body < 6:
                 break
@@ -122,8 +119,8 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
                 break
             components = tuple(data[body + 1 + 2 * i] for i in range(count))
             ss, se, approximation = data[body + 1 + 2 * count : body + 4 + 2 * count]
-            following = _MARKER.search(data, segment_end)
-            data_end = following.start() if following else end
+            following = _next_marker(data, segment_end)
+            data_end = following[0] if following else end
             if len(scans) == max_scans:
                 raise TooManyScans(f"more than {max_scans} scans")
             ah, al = approximation >> 4, approximation & 15
@@ -134,6 +131,28 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
     if size is None or blocks is None:
         return None
     return Scans(size[0], size[1], blocks, progressive, arithmetic, scans, data_end)
+
+
+def _next_marker(data: bytes, pos: int) -> tuple[int, int, int] | None:
+    """The next marker at or after ``pos``: (where its 0xFF run starts, its code, where it ends).
+
+    A marker is 0xFF (fill 0xFF bytes allowed) then a code that is not a stuffed zero or a restart
+    (RSTn sits inside entropy-coded data). ``bytes.find`` skips the rest at C speed.
+    """
+    end = len(data)
+    while True:
+        start = data.find(b"\xff", pos)
+        if start < 0:
+            return None
+        at = start + 1
+        while at < end and data[at] == 0xFF:
+            at += 1
+        if at >= end:
+            return None
+        code = data[at]
+        if code and not 0xD0 <= code <= 0xD7:
+            return start, code, at + 1
+        pos = at + 1
 
 
 def _ceil(a: int, b: int) -> int:
