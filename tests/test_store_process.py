@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from mmstore_client.digest import compute_digest, digest_hex
+from PIL import Image
 from support import VENV_BIN, image_bytes, noise_png, store_process
 
 
@@ -148,4 +150,45 @@ def test_workers_share_keepalive_connections(tmp_path):
     finally:
         for client in clients:
             client.close()
+        server.stop()
+
+
+def _flat_png(side: int, seed: int) -> bytes:
+    """A small file that takes a while to decode (side x side pixels of one colour)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (seed % 256, seed // 256 % 256, 9)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health_and_reads_answer_while_uploads_queue_for_decoding(tmp_path):
+    """48 uploads, each a 2-megapixel decode, on one decode thread: /healthz and a GET of a
+    large blob (read on a thread) answer before most uploads are done, not after them.
+
+    (Before: uploads decoded on the threads that serve reads and /healthz, 40 at once, and
+    health waited for them.)"""
+    server = store_process(tmp_path / "data", decode_threads="1").start()
+    try:
+        big = noise_png(3_000_000, seed=5)  # over the size read inline on the event loop
+        assert (
+            httpx.put(f"{server.url}/v1/runs/r/blobs/{compute_digest(big)}", content=big).status_code == 201
+        )
+        bodies = [_flat_png(1500, seed) for seed in range(48)]
+        done = []
+
+        def upload(body):
+            r = httpx.put(f"{server.url}/v1/runs/r/blobs/{compute_digest(body)}", content=body, timeout=300)
+            done.append(r.status_code)
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(upload, body) for body in bodies]
+            time.sleep(0.5)  # the bodies are in; their decodes queue
+            assert httpx.get(f"{server.url}/healthz", timeout=60).status_code == 200
+            health_after = len(done)
+            assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(big)}", timeout=60).content == big
+            read_after = len(done)
+            for future in futures:
+                future.result()
+        assert done == [201] * len(bodies)
+        assert health_after < len(bodies) // 2 and read_after < len(bodies) // 2, (health_after, read_after)
+    finally:
         server.stop()

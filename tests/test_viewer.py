@@ -240,7 +240,7 @@ async def test_thumbnail_cache_is_a_bounded_lru(local):
     from mmstore.thumbnails import ThumbnailCache
 
     storage = local.app.state.storage
-    cache = ThumbnailCache(storage, max_bytes=3000)
+    cache = ThumbnailCache(storage, local.app.state.decoder, max_bytes=3000)
     blobs = []
     for seed in range(12):
         data = image_bytes(200, 150, seed=seed)

@@ -262,7 +262,8 @@ def _open_for_decoding(data: bytes, max_jpeg_scans: int) -> tuple[Image.Image, s
     missing = "the file has no frame header" if scans is None else scans.missing_data()
     if missing is not None:
         raise CorruptImage(f"JPEG data is truncated or corrupt: {missing}")
-    if not scans.progressive:  # (progressive: libjpeg reads every scan up to EOI before any pixel)
+    # (progressive: libjpeg reads every scan up to EOI before any pixel; arithmetic: it cannot stop)
+    if not scans.progressive and not scans.arithmetic:
         img, _ = _open(data[: scans.data_end] + _LOOKAHEAD)
     return img, fmt
 

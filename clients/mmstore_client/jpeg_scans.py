@@ -14,7 +14,8 @@ libjpeg (through Pillow) has two blind spots that hostile or damaged files use:
   sequential scan needs at least 2 bits per block (DC and AC codes are each at least one bit), a
   progressive DC scan 1. What the structure cannot show (a sequential scan cut short, then a
   marker) the caller checks by decoding up to :attr:`Scans.data_end` without the marker (see
-  :func:`mmstore_client.decode.check_pixels`).
+  :func:`mmstore_client.decode.check_pixels`). Arithmetic-coded JPEGs (rare) get the structural
+  check only: their decoder cannot stop for more data, and their bits per block have no floor.
 """
 
 from __future__ import annotations
@@ -65,13 +66,12 @@ class Scans(NamedTuple):
                         f"scan {number} holds {scan.data_bytes} bytes, fewer than its {blocks} blocks "
                         f"need ({(bits + 7) // 8})"
                     )
-            if scan.al == 0:
-                band = _ALL_COEFFICIENTS
-                if self.progressive:
-                    band = (1 << (scan.se + 1)) - (1 << scan.ss) if scan.ss <= scan.se else 0
-                for c in scan.components:
-                    if c in done:
-                        done[c] |= band
+            band = _ALL_COEFFICIENTS  # a sequential scan completes its components
+            if self.progressive:  # only the last bit (al == 0) of its band completes it
+                band = (1 << (scan.se + 1)) - (1 << scan.ss) if scan.al == 0 and scan.ss <= scan.se else 0
+            for c in scan.components:
+                if c in done:
+                    done[c] |= band
         incomplete = [c for c, mask in done.items() if mask != _ALL_COEFFICIENTS]
         if incomplete:
             return f"the scans end before component {incomplete[0]} is complete"

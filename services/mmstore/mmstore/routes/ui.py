@@ -79,7 +79,12 @@ class Viewer:
         if viewer is None:
             settings = ViewerSettings()
             thumbs = ThumbnailCache(
-                state.storage, max_bytes=settings.thumb_cache_bytes, workers=settings.thumb_workers
+                state.storage,
+                state.decoder,
+                max_bytes=settings.thumb_cache_bytes,
+                workers=settings.thumb_workers,
+                max_pixels=state.settings.max_image_pixels,
+                max_jpeg_scans=state.settings.max_jpeg_scans,
             )
             viewer = state.viewer = cls(settings, thumbs)
         return viewer
