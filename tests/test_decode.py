@@ -309,3 +309,13 @@ def test_which_loaders_apply_exif_orientation_as_the_rule_says(tmp_path):
     assert tuple(from_path.shape) == (3, 20, 40)
     raw = Image.open(io.BytesIO(data)).convert("RGB")
     assert torch.equal(from_path, torch.from_numpy(np.asarray(raw)).permute(2, 0, 1))
+
+
+def test_truncated_files_refused_even_if_another_library_turned_on_truncated_loading(monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some dataset code does
+    for fmt in ("PNG", "JPEG"):
+        data = encode(noise(64, 64), fmt)
+        with pytest.raises(decode.CorruptImage):
+            decode.verify(data[: len(data) // 2])
