@@ -319,3 +319,15 @@ def test_truncated_files_refused_even_if_another_library_turned_on_truncated_loa
         data = encode(noise(64, 64), fmt)
         with pytest.raises(decode.CorruptImage):
             decode.verify(data[: len(data) // 2])
+
+
+def test_jpeg_scan_reader_finds_the_end_of_a_scan_of_64_mb_of_stuffed_bytes():
+    """Stuffed 0xFF 0x00 pairs are data, not markers (a scan of nothing else is the reader's
+    worst case: a Python loop per pair took 8 s; the regular expression about 0.2 s, not asserted)."""
+    from mmstore_client import jpeg_scans
+
+    data = encode(Image.new("L", (16, 16), 7), "JPEG")
+    sos = data.index(b"\xff\xda")
+    flood = data[: sos + 10] + b"\xff\x00" * 32_000_000 + b"\xff\xd9"
+    scans = jpeg_scans.read(flood, max_scans=10)
+    assert len(scans.scans) == 1 and scans.scans[0].data_bytes == 64_000_000

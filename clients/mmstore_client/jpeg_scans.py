@@ -20,9 +20,11 @@ libjpeg (through Pillow) has two blind spots that hostile or damaged files use:
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import NamedTuple
 
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE = frozenset([0xC2, 0xC6, 0xCA, 0xCE])
 _ARITHMETIC = frozenset(range(0xC9, 0xD0)) - {0xCC}
@@ -134,25 +136,14 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
 
 
 def _next_marker(data: bytes, pos: int) -> tuple[int, int, int] | None:
-    """The next marker at or after ``pos``: (where its 0xFF run starts, its code, where it ends).
+    """The next marker at or after ``pos``: (where its last 0xFF is, its code, where it ends).
 
-    A marker is 0xFF (fill 0xFF bytes allowed) then a code that is not a stuffed zero or a restart
-    (RSTn sits inside entropy-coded data). ``bytes.find`` skips the rest at C speed.
+    A marker is 0xFF then a code that is not a stuffed zero, a restart (RSTn sits inside
+    entropy-coded data) or a fill 0xFF. One regular expression with a literal first byte: C
+    speed even over 64 MB of stuffed 0xFF 0x00 pairs (a loop in Python took 8 s there).
     """
-    end = len(data)
-    while True:
-        start = data.find(b"\xff", pos)
-        if start < 0:
-            return None
-        at = start + 1
-        while at < end and data[at] == 0xFF:
-            at += 1
-        if at >= end:
-            return None
-        code = data[at]
-        if code and not 0xD0 <= code <= 0xD7:
-            return start, code, at + 1
-        pos = at + 1
+    found = _MARKER.search(data, pos)
+    return None if found is None else (found.start(), data[found.start() + 1], found.end())
 
 
 def _ceil(a: int, b: int) -> int:
