@@ -40,14 +40,11 @@ class Scan(NamedTuple):
     components: tuple[int, ...]  # component ids
     ss: int  # spectral selection start / end (zig-zag indices)
     se: int
-    ah: int  # successive approximation, high / low bit
-    al: int
+    al: int  # successive approximation, low bit (0: the band's last bit)
     data_bytes: int  # entropy-coded bytes (stuffing included)
 
 
 class Scans(NamedTuple):
-    width: int
-    height: int
     blocks: dict[int, int]  # component id -> 8x8 blocks it holds
     progressive: bool
     arithmetic: bool
@@ -83,7 +80,7 @@ class Scans(NamedTuple):
 def read(data: bytes, *, max_scans: int) -> Scans | None:
     """The scans of a JPEG (up to its first EOI: an MPO's first picture), or None if it has no
     frame header. Raises :class:`TooManyScans` as soon as a scan past ``max_scans`` is found."""
-    size = blocks = None
+    blocks: dict[int, int] | None = None
     progressive = arithmetic = False
     scans: list[Scan] = []
     end = data_end = len(data)
@@ -97,7 +94,7 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
         if code == _EOI or body > end:
             break
         segment_end = length_at + struct.unpack_from(">H", data, length_at)[0]
-        if code in _SOF and size is None:
+        if code in _SOF and blocks is None:
             if segment_end > end or segment_end - body < 6:
                 break
             _, height, width, count = struct.unpack_from(">BHHB", data, body)
@@ -111,7 +108,6 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
                 * _ceil(_ceil(height * (s[1] & 15), v_max), 8)
                 for s in specs
             }
-            size = (width, height)
             progressive, arithmetic = code in _PROGRESSIVE, code in _ARITHMETIC
         elif code == _SOS:
             if segment_end > end or body >= end:
@@ -125,14 +121,13 @@ def read(data: bytes, *, max_scans: int) -> Scans | None:
             data_end = following[0] if following else end
             if len(scans) == max_scans:
                 raise TooManyScans(f"more than {max_scans} scans")
-            ah, al = approximation >> 4, approximation & 15
-            scans.append(Scan(components, ss, min(se, 63), ah, al, data_end - segment_end))
+            scans.append(Scan(components, ss, min(se, 63), approximation & 15, data_end - segment_end))
             pos = data_end
             continue
         pos = segment_end
-    if size is None or blocks is None:
+    if blocks is None:
         return None
-    return Scans(size[0], size[1], blocks, progressive, arithmetic, scans, data_end)
+    return Scans(blocks, progressive, arithmetic, scans, data_end)
 
 
 def _next_marker(data: bytes, pos: int) -> tuple[int, int, int] | None:
