@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from mmstore_client.digest import compute_digest, digest_hex
-from PIL import Image
 from support import VENV_BIN, image_bytes, noise_png, store_process
 
 
@@ -151,57 +148,4 @@ def test_workers_share_keepalive_connections(tmp_path):
     finally:
         for client in clients:
             client.close()
-        server.stop()
-
-
-def _slow_pngs(count: int, side: int = 3000) -> list[bytes]:
-    """``count`` distinct small files that each take a while to decode: one PNG of side x side
-    pixels of one colour, told apart by a text chunk."""
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), (200, 30, 9)).save(buf, format="PNG")
-    png = buf.getvalue()
-    iend = png.rindex(b"IEND") - 4
-    out = []
-    for i in range(count):
-        text = b"Comment\0" + str(i).encode()
-        chunk = len(text).to_bytes(4, "big") + b"tEXt" + text
-        out.append(png[:iend] + chunk + zlib.crc32(chunk[4:]).to_bytes(4, "big") + png[iend:])
-    return out
-
-
-def test_health_and_reads_answer_while_uploads_queue_for_decoding(tmp_path):
-    """48 uploads, each a 9-megapixel decode, on one decode thread: /healthz and a GET of a
-    large blob (read on a thread) answer at once, while the uploads queue for their decodes.
-
-    (Before: uploads decoded on the threads that serve reads and /healthz, 40 at once, and
-    health waited for them.)"""
-    server = store_process(tmp_path / "data", decode_threads="1").start()
-    try:
-        big = noise_png(3_000_000, seed=5)  # over the size read inline on the event loop
-        assert (
-            httpx.put(f"{server.url}/v1/runs/r/blobs/{compute_digest(big)}", content=big).status_code == 201
-        )
-        bodies = _slow_pngs(48)
-        done = []
-
-        def upload(body):
-            r = httpx.put(f"{server.url}/v1/runs/r/blobs/{compute_digest(body)}", content=body, timeout=300)
-            done.append(r.status_code)
-
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            futures = [pool.submit(upload, body) for body in bodies]
-            while not done and not any(f.done() for f in futures):  # the first decode is over
-                time.sleep(0.01)
-            before = len(done)
-            assert httpx.get(f"{server.url}/healthz", timeout=60).status_code == 200
-            during_health = len(done) - before
-            before = len(done)
-            assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(big)}", timeout=60).content == big
-            during_read = len(done) - before
-            for future in futures:
-                future.result()
-        assert done == [201] * len(bodies)
-        # (before: both waited for the 8 uploads queued ahead of them for a thread to finish)
-        assert during_health <= 2 and during_read <= 2, (during_health, during_read)
-    finally:
         server.stop()
