@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 def _pil(data: bytes):
     """PIL's answer, under the decoding rule (what probe gave before the fast reader)."""
     try:
-        img = decode._open(data)
+        img, _ = decode._open(data)
         if img.format not in ("PNG", "JPEG"):
             return ("other", img.format)
         return (img.format, *img.size, decode._orientation(img))

@@ -321,3 +321,69 @@ def test_open_store_refuses_non_loopback(tmp_path):
         env={"PATH": str(VENV_BIN)},
     )
     assert r.returncode == 2 and "refusing to bind" in r.stderr
+
+
+def _progressive_with_scans(extra: int) -> bytes:
+    """A progressive JPEG whose last scan comes ``extra`` more times (bytes surgery)."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(64, 48, seed=4))).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + data[-2:]
+
+
+def test_jpeg_with_too_many_scans_is_422_image_too_complex(store):
+    assert put(store, _progressive_with_scans(20)).status_code == 201  # 30 scans: fine
+    hostile = _progressive_with_scans(200)
+    r = put(store, hostile)
+    assert r.status_code == 422 and error_code(r) == "image_too_complex", r.text
+    assert "scans" in r.json()["error"]["message"]
+    assert httpx.get(f"{store.url}/v1/blobs/{compute_digest(hostile)}").status_code == 404
+
+
+def test_jpeg_scans_that_end_early_are_422_not_stored_grey(store):
+    """A truncated JPEG with an EOI appended, and a tiny JPEG whose header claims 3000x3000:
+    libjpeg would fill the missing blocks with grey; the store refuses them."""
+    data = image_bytes(200, 150, "JPEG", seed=11)
+    truncated = data[: len(data) // 2] + b"\xff\xd9"
+    bomb = bytearray(image_bytes(8, 8, "JPEG", seed=12))
+    sof = bomb.index(b"\xff\xc0")
+    bomb[sof + 5 : sof + 9] = (3000).to_bytes(2, "big") * 2
+    for body in (truncated, bytes(bomb)):
+        r = put(store, body)
+        assert r.status_code == 422 and error_code(r) == "corrupt_image", r.text
+        assert httpx.get(f"{store.url}/v1/blobs/{compute_digest(body)}").status_code == 404
+
+
+def test_malformed_gif_and_tiff_answer_json_never_500(store):
+    """Single-byte mutations that made PIL raise IndexError, TypeError, SyntaxError or KeyError
+    (500 text/plain before). Broken later frames no longer matter (the rule reads the first frame
+    only, so these are stored); a first frame PIL cannot decode is 422 corrupt_image."""
+    frames = [Image.new("RGB", (6, 5), (i * 40, 255 - i * 40, 7)) for i in range(3)]
+    files = {}
+    for fmt in ("GIF", "TIFF"):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+        files[fmt] = buf.getvalue()
+    cases = [("GIF", 52, 1, 201), ("TIFF", 8, 9, 201), ("TIFF", 248, 3, 201), ("TIFF", 288, 1, 201)]
+    for fmt, pos, value, status in [*cases, ("TIFF", 72, 2, 422)]:
+        data = bytearray(files[fmt])
+        data[pos] = value
+        r = put(store, bytes(data))
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (fmt, pos, r.text)
+        if status == 422:
+            assert error_code(r) == "corrupt_image"
+        else:
+            assert (r.json()["width"], r.json()["height"]) == (6, 5)
+
+
+def test_mpo_jpeg_is_stored_as_a_jpeg(store):
+    """Phone cameras add a multi-picture (MPF) segment; PIL calls such a JPEG "MPO"."""
+    first, second = (Image.open(io.BytesIO(image_bytes(40, 30, seed=s))) for s in (21, 22))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    r = put(store, buf.getvalue())
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert (info["mime"], info["format"], info["width"], info["height"]) == ("image/jpeg", "JPEG", 40, 30)
+    assert httpx.get(f"{store.url}/v1/blobs/{info['digest']}").content == buf.getvalue()

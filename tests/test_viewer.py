@@ -252,11 +252,26 @@ async def test_thumbnails_follow_the_decoding_rule_are_cached_and_never_touch_th
     assert (await local.get(f"/ui/thumbs/{doc_digest}")).status_code == 415
 
 
+async def test_thumbnails_of_blobs_stored_before_the_decoding_limits_are_refused(local):
+    """A JPEG of thousands of scans took 56 s per thumbnail; one stored before the store refused
+    it (written to storage directly here) gets the rule's 422, not a decode."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(64, 48, seed=3))).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    hostile = data[:-2] + data[last:-2] * 2000 + data[-2:]
+    digest = compute_digest(hostile)
+    info = BlobInfo(digest=digest, size=len(hostile), mime="image/jpeg", format="JPEG", width=64, height=48)
+    local.app.state.storage.put("old", digest, hostile, info)
+    r = await local.get(f"/ui/thumbs/{digest}", params={"size": 128})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_complex"
+
+
 async def test_thumbnail_cache_is_a_bounded_lru(local):
     from mmstore.thumbnails import ThumbnailCache
 
     storage = local.app.state.storage
-    cache = ThumbnailCache(storage, max_bytes=3000)
+    cache = ThumbnailCache(storage, local.app.state.decoder, max_bytes=3000)
     blobs = []
     for seed in range(12):
         data = image_bytes(200, 150, seed=seed)

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from . import __version__
 from .auth import Authorizer
 from .blob_read import BlobReader
+from .decoding import Decoder
 from .errors import install_handlers
 from .fastpath import BlobFastPath
 from .metrics import MetricsMiddleware, StoreMetrics
@@ -39,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.authorizer = authorizer
     app.state.blob_reader = reader
+    app.state.decoder = Decoder(
+        threads=settings.decode_threads, pixel_budget=settings.decode_pixel_budget, nice=settings.decode_nice
+    )
     install_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
 
     for router in (blobs.router, runs.router, admin.router, health.router):

@@ -15,7 +15,8 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
     ├── RangeNotSatisfiable     416 range_not_satisfiable
     ├── DigestMismatchError     422 digest_mismatch
     ├── CorruptImageError       422 corrupt_image
-    └── ImageTooLargeError      422 image_too_large
+    ├── ImageTooLargeError      422 image_too_large
+    └── ImageTooComplexError    422 image_too_complex
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ RangeNotSatisfiable = _error("RangeNotSatisfiable", 416, "range_not_satisfiable"
 DigestMismatchError = _error("DigestMismatchError", 422, "digest_mismatch")
 CorruptImageError = _error("CorruptImageError", 422, "corrupt_image")
 ImageTooLargeError = _error("ImageTooLargeError", 422, "image_too_large")
+ImageTooComplexError = _error("ImageTooComplexError", 422, "image_too_complex")
 
 _IMAGE_ERRORS: dict[type[decode.ImageError], type[ApiError]] = {
     decode.UnsupportedImage: UnsupportedMediaError,
     decode.CorruptImage: CorruptImageError,
     decode.ImageTooLarge: ImageTooLargeError,
+    decode.ImageTooComplex: ImageTooComplexError,
 }
 
 

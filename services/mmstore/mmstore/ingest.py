@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from mmstore_client import decode
 from mmstore_client.models import BlobInfo
 
+from .decoding import Decoder
 from .errors import DigestMismatchError, from_image_error
 from .metrics import StoreMetrics
 from .settings import Settings
 from .storage.base import PutResult, Storage
 
 
-@functools.cache  # one pool per process (a pool makes its threads only when used)
-def _decode_pool(nice: int) -> ThreadPoolExecutor:
-    """The threads that decode uploads for remote backends (PIL releases the GIL while decoding).
-
-    They run ``nice`` levels below the server (Linux sets it per thread), so the threads on the
-    request path (the event loop, the bucket's I/O) preempt them: a decode then fills the time the
-    bucket's requests are in flight instead of delaying them.
-    """
-
-    def lower_priority() -> None:
-        if nice and sys.platform == "linux":
-            tid = threading.get_native_id()
-            with contextlib.suppress(OSError):  # a sandbox that forbids it: the server's priority
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-
-    return ThreadPoolExecutor(
-        os.cpu_count() or 2, thread_name_prefix="mmstore-verify", initializer=lower_priority
-    )
-
-
 def ingest(
     storage: Storage,
     settings: Settings,
     metrics: StoreMetrics,
+    decoder: Decoder,
     run: str,
     data: bytes,
     digest: str,
@@ -55,7 +32,8 @@ def ingest(
     appeared since).
 
     The header is probed first (format, size, pixel limit: microseconds), so most bad uploads are
-    refused before any write; the full decode is the storage's ``check``. Locally it runs before
+    refused before any write; the full decode is the storage's ``check``, on the ``decoder``'s
+    threads within its pixel budget (this thread only waits for it). Locally it runs before
     the blob is written, so a stored blob has passed it and a re-upload is not decoded again. On
     a remote backend (a bucket) it runs in another thread while the backend's requests are in
     flight, upload of the bytes included, and answers before the blob is linked; re-uploads are
@@ -68,10 +46,16 @@ def ingest(
     metrics.bytes_in.inc(len(data))
     try:
         header = decode.probe(data, max_pixels=settings.max_image_pixels)
-        check = functools.partial(decode.check_pixels, data)
+        pixels = header.raw_width * header.raw_height
+        full_decode = functools.partial(decode.check_pixels, data, max_jpeg_scans=settings.max_jpeg_scans)
         recheck = None  # a re-upload's: only a bucket can hold bytes that never passed a check
-        if storage.remote:
-            check = recheck = _decode_pool(settings.decode_nice).submit(check).result
+        if storage.remote:  # started now: it runs while the bucket's requests are in flight
+            check = recheck = decoder.submit(full_decode, pixels).result
+        else:  # started when the storage asks: a re-upload is not decoded again
+
+            def check() -> None:
+                decoder.submit(full_decode, pixels).result()
+
         existing = None if absent else storage.link_existing(run, digest, check=recheck)
         if existing is not None:
             metrics.blobs_deduplicated.inc()

@@ -82,12 +82,26 @@ class Settings(BaseSettings):
         "the bucket's endpoint). 'off': every blob streams through the replica",
     )
     redirect_ttl_seconds: int = Field(300, ge=1, le=7 * 86400, description="validity of those presigned URLs")
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        description="422 image_too_complex for a JPEG of more scans (each is a pass over the image)",
+    )
+    decode_threads: int | None = Field(
+        None, ge=1, description="threads that decode uploads and thumbnails (default: the cores)"
+    )
+    decode_pixel_budget: int = Field(
+        100_000_000,
+        ge=1,
+        description="pixels (width x height) decoded at once; more decodes wait. An image larger "
+        "than the budget decodes alone",
+    )
     decode_nice: int = Field(
         10,
         ge=0,
         le=19,
-        description="S3 storage: upload decodes, which overlap the bucket's requests, run this many "
-        "nice levels below the server (Linux), so the request path preempts them",
+        description="decodes (uploads, thumbnails) run this many nice levels below the server (Linux), "
+        "so the request path preempts them",
     )
 
     @field_validator("storage")

@@ -3,25 +3,29 @@
 * The stored blob is never touched: a thumbnail is a new, derived image (WebP) made from a
   read of the blob, and lives only in this process's memory. No cache directory: the S3
   backend has no local root, and a thumbnail is cheap to make again (tens of ms).
-* Pixels follow the decoding rule that the model sees (EXIF orientation applied, first frame,
-  alpha on white, 16-bit scaled; :func:`mmstore_client.decode.to_rgb`), and are never
-  upscaled. JPEGs decode at a reduced DCT scale (``draft``), a big photo costs little.
+* Pixels follow the decoding rule that the model sees (:func:`mmstore_client.decode.decode_rgb`:
+  EXIF orientation applied, first frame, alpha on white, 16-bit scaled, the same refusals), and
+  are never upscaled. They decode scaled down (``fit``): JPEGs at a reduced DCT scale, so a big
+  photo never exists at full size; other formats are reduced right after decoding.
 * Bounded: an LRU over the encoded bytes (``max_bytes``); concurrent requests for one key share
-  one generation; at most ``workers`` generations run at once, in threads, so a page of 60
-  thumbnails cannot take every core from the blob path.
+  one generation; at most ``workers`` generations run at once, and their decodes run on the
+  store's decode threads within its pixel budget (:mod:`mmstore.decoding`), so a page of 60
+  thumbnails cannot take every core or the memory from the blob path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 from collections import OrderedDict
 
 import anyio
 import PIL
 from mmstore_client import decode
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .decoding import Decoder
 from .storage.base import Storage
 
 SIZES = (128, 256, 512)  # allowed bounding boxes: a small fixed set keeps the cache keys few
@@ -29,14 +33,15 @@ FORMAT, MIME = "WEBP", "image/webp"
 VERSION = f"1-pillow{PIL.__version__}"  # in the ETag: a Pillow upgrade may change the bytes
 
 
-def make_thumbnail(data: bytes, size: int) -> bytes:
+def make_thumbnail(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+    max_jpeg_scans: int = decode.DEFAULT_MAX_JPEG_SCANS,
+) -> bytes:
     """Encoded thumbnail (WebP) of the image ``data`` fitting in ``size`` x ``size``."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, still >= size
-    img.load()
-    img = ImageOps.exif_transpose(img) or img
-    img = decode.to_rgb(img)
+    img = decode.decode_rgb(data, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, fit=size)
     img.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, FORMAT, quality=82, method=4)
@@ -44,8 +49,19 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
 
 
 class ThumbnailCache:
-    def __init__(self, storage: Storage, *, max_bytes: int = 64 << 20, workers: int = 2) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        decoder: Decoder,
+        *,
+        max_bytes: int = 64 << 20,
+        workers: int = 2,
+        max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+        max_jpeg_scans: int = decode.DEFAULT_MAX_JPEG_SCANS,
+    ) -> None:
         self.storage = storage
+        self.decoder = decoder
+        self.limits = {"max_pixels": max_pixels, "max_jpeg_scans": max_jpeg_scans}
         self.max_bytes = max_bytes
         self.workers = workers
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -95,16 +111,16 @@ class ThumbnailCache:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.workers)
 
-        def work() -> bytes:
+        def read() -> tuple[bytes, int]:
             data = self.storage.read(digest, 0, blob_size)
-            try:
-                return make_thumbnail(data, size)
-            except decode.ImageError:
-                raise
-            except Exception as exc:  # PIL raises many types on data it cannot draw
-                raise decode.CorruptImage(f"cannot draw a thumbnail: {exc}") from exc
+            header = decode.probe(data, max_pixels=self.limits["max_pixels"])
+            return data, header.raw_width * header.raw_height
 
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        async with self._limiter:
+            data, pixels = await anyio.to_thread.run_sync(read)
+            return await self.decoder.run(
+                functools.partial(make_thumbnail, data, size, **self.limits), pixels
+            )
 
     def _store(self, key: tuple[str, int], thumb: bytes) -> None:
         if len(thumb) > self.max_bytes or key in self._cache:

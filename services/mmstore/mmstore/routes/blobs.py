@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
@@ -52,8 +53,19 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
     if stored is not None:
         with contextlib.suppress(Exception):  # only a hint: ingest's own existence check answers
             absent = await stored is None
-    result = await run_in_threadpool(
-        ingest, state.storage, state.settings, state.metrics, run, data, hasher.digest(), expected, absent
+    result = await state.decoder.run_upload(
+        functools.partial(
+            ingest,
+            state.storage,
+            state.settings,
+            state.metrics,
+            state.decoder,
+            run,
+            data,
+            hasher.digest(),
+            expected,
+            absent,
+        )
     )
     response.status_code = 201 if result.created else 200
     return result.info

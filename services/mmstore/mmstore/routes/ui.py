@@ -90,7 +90,12 @@ class Viewer:
                 return viewer
             settings = ViewerSettings()
             thumbs = ThumbnailCache(
-                state.storage, max_bytes=settings.thumb_cache_bytes, workers=settings.thumb_workers
+                state.storage,
+                state.decoder,
+                max_bytes=settings.thumb_cache_bytes,
+                workers=settings.thumb_workers,
+                max_pixels=state.settings.max_image_pixels,
+                max_jpeg_scans=state.settings.max_jpeg_scans,
             )
             viewer = state.viewer = cls(settings, thumbs)
             for what in ("hits", "misses", "evictions"):  # exported from the viewer's first use
