@@ -20,16 +20,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mmstore_client import AsyncStoreClient, StoreClient
+from mmstore_client import AsyncStoreClient
 from mmstore_client.inference import AFFINITY_HEADER, AsyncInferenceClient, GenerateRequest, SamplingOptions
 from mmstore_client.offload import aoffload_messages
-from mmstore_client.render import Renderer
+from mmstore_client.render import Renderer, image_refs
 from mmstore_rollout import balancer as lb
 from mmstore_rollout.env import ShapesEnv
 from mmstore_rollout.stack import Service, Stack
 from mmstore_rollout.stats import LoopStats, scrape_replica
 from mmstore_rollout.worker import SYSTEM, RolloutWorker
-from support import FetchingRenderer
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = SamplingOptions(max_tokens=6, temperature=0.0)
@@ -141,10 +140,8 @@ def cluster(store, tiny_qwen2_vl, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def renderer(cluster, tiny_qwen2_vl):
-    client = StoreClient(cluster.store_url)
-    yield FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), client)
-    client.close()
+def renderer(tiny_qwen2_vl):
+    return Renderer.from_pretrained(tiny_qwen2_vl)
 
 
 class Rotating:
@@ -234,7 +231,8 @@ async def test_nginx_hashes_the_affinity_header_and_round_robins_without(cluster
     env = ShapesEnv(103, 1)
     async with AsyncStoreClient(cluster.store_url) as store:
         (message,) = await aoffload_messages([env.message(env.turn(0))], store, "replicas")
-    rendered = renderer.render([SYSTEM, message])
+        headers = await store.image_headers(image_refs([message]))
+    rendered = renderer.render([SYSTEM, message], headers)
     body = GenerateRequest(
         prompt_token_ids=rendered.token_ids, descriptors=rendered.descriptors, sampling=GREEDY
     ).model_dump(mode="json", exclude_none=True)
@@ -294,7 +292,7 @@ def test_smoke_through_nginx_survives_a_killed_replica(cluster, tiny_qwen2_vl, t
     probe = httpx.post(
         f"{cluster.balancer.url}/v1/generate", json={}, headers={AFFINITY_HEADER: key}, timeout=30
     )
-    assert probe.status_code == 422, probe.text
+    assert probe.status_code == 400, probe.text
     (victim,) = [r for r in cluster.replicas if r.url.split("://", 1)[1] == probe.headers[lb.REPLICA_HEADER]]
     killed: list[str] = []
 
