@@ -14,7 +14,8 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
     ├── UnsupportedMediaError   415 unsupported_media_type
     ├── DigestMismatchError     422 digest_mismatch
     ├── CorruptImageError       422 corrupt_image
-    └── ImageTooLargeError      422 image_too_large
+    ├── ImageTooLargeError      422 image_too_large
+    └── InsufficientStorageError 507 insufficient_storage
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ RangeNotSatisfiable = _error("RangeNotSatisfiable", 416, "range_not_satisfiable"
 DigestMismatchError = _error("DigestMismatchError", 422, "digest_mismatch")
 CorruptImageError = _error("CorruptImageError", 422, "corrupt_image")
 ImageTooLargeError = _error("ImageTooLargeError", 422, "image_too_large")
+InsufficientStorageError = _error("InsufficientStorageError", 507, "insufficient_storage")
 
 _IMAGE_ERRORS: dict[type[decode.ImageError], type[ApiError]] = {
     decode.UnsupportedImage: UnsupportedMediaError,

@@ -13,7 +13,7 @@ from mmstore_client.digest import DigestHasher, is_digest
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
 
 from ..deps import READ, WRITE, RunDep, StorageDep
-from ..errors import InvalidDigestError, NotFoundError
+from ..errors import InvalidDigestError, NotFoundError, UnsupportedMediaError
 from ..ingest import ingest, read_body
 
 router = APIRouter(prefix="/v1", tags=["blobs"])
@@ -120,9 +120,18 @@ async def get_blob(
     summary="Link already stored blobs to a run without sending bytes; reports those absent",
 )
 def link_blobs(storage: StorageDep, run: RunDep, body: MissingRequest) -> LinkResponse:
+    digests = [_check_digest(d) for d in dict.fromkeys(body.digests)]
+    for d in digests:  # all checked before any is linked: a refused request links nothing
+        info = storage.info(d)
+        if info is not None and not info.mime.startswith("image/"):
+            raise UnsupportedMediaError(
+                f"blob {d} is {info.mime}, not an image: a run's links are images (rollout documents "
+                "are stored with PUT /v1/runs/{run}/rollouts/{digest})",
+                digest=d,
+            )
     linked, missing = [], []
-    for d in dict.fromkeys(body.digests):
-        info = storage.link_existing(run, _check_digest(d))
+    for d in digests:
+        info = storage.link_existing(run, d)
         (linked.append(info) if info else missing.append(d))
     return LinkResponse(linked=linked, missing=missing)
 
