@@ -144,7 +144,7 @@ def fsck(
     for d in report.missing:
         console.print(f"missing: {d}")
     for d in report.orphans:
-        console.print(f"orphan{' (removed)' if repair else ''}: {d}")
+        console.print(f"orphan{' (removed)' if repair else ''}: {d}", soft_wrap=True)
     for run in report.recounted:
         console.print(f"recounted run {run} (its blob count or bytes were off; repaired)")
     if report.corrupt or report.missing or report.orphans:
