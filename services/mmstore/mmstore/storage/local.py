@@ -430,8 +430,8 @@ class LocalStorage(Storage):
                     (run, self.batch),
                 ).fetchall()
                 now = time.time()
-                done = len(rows) < self.batch  # every link the run had left is in this batch...
-                for i, chunk in enumerate(self._within_budget(rows, started)):
+                unlinked_before = unlinked
+                for chunk in self._within_budget(rows, started):
                     db.executemany(
                         "DELETE FROM links WHERE run = ? AND digest = ?", ((run, r[0]) for r in chunk)
                     )
@@ -447,7 +447,8 @@ class LocalStorage(Storage):
                         "WHERE run = ?",
                         (len(chunk), sum(r[1] for r in chunk), now, run),
                     )
-                    done = done and (i + 1) * _CHUNK >= len(rows)  # ...and all of it was unlinked
+                # every link the run had left was in this batch, and the batch unlinked all of them
+                done = len(rows) < self.batch and unlinked - unlinked_before == len(rows)
                 if done:
                     db.execute("DELETE FROM runs WHERE run = ?", (run,))
             if done:
