@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -238,5 +239,34 @@ def test_write_that_runs_out_of_space_answers_507_and_leaves_no_temp_file(small_
         assert list((root / "tmp").iterdir()) == []
         (small_volume / "filler").unlink()
         assert put(server, "r", noise_png(400_000, seed=906)).status_code == 201
+    finally:
+        server.stop()
+
+
+def test_delete_and_gc_free_a_volume_that_something_else_filled(small_volume):
+    """The volume filled to the last byte by another writer: the store gives up its reserve file
+    for the deletion and GC, and makes it again once GC freed space."""
+    root = small_volume / "data"
+    server = store_process(root, min_free_bytes=str(1 << 20)).start()
+    try:
+        images = [noise_png(400_000, seed=910 + i) for i in range(4)]
+        assert {put(server, "r", data).status_code for data in images} == {201}
+        assert (root / "reserve").stat().st_size == 1 << 20
+        with open(small_volume / "filler", "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 512)
+        r = put(server, "r", noise_png(400_000, seed=920))
+        assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
+        r = httpx.delete(f"{server.url}/v1/runs/r")
+        assert r.status_code == 200, r.text
+        assert r.json()["unlinked"] == 4
+        r = httpx.post(f"{server.url}/v1/gc", json={"grace_seconds": 0})
+        assert r.status_code == 200 and r.json()["deleted"] == 4, r.text
+        assert (root / "reserve").exists()  # made again from the freed space
+        assert put(server, "r", image_bytes(20, 20, seed=921)).status_code == 201
     finally:
         server.stop()

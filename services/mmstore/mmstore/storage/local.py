@@ -7,6 +7,7 @@ Layout under ``root``::
     quarantine/<hex>              blobs fsck found corrupt
     index.sqlite3                 blobs, runs (with counts), run -> blob links
     index.lock                    held (flock) by whichever process is writing the index
+    reserve                       space set aside for deleting on a full volume (see below)
 
 Atomicity: bytes go to ``tmp/``, are fsynced, then hard-linked into place inside the same SQLite
 write transaction (``BEGIN IMMEDIATE``) that records the blob and its link; the temp name goes
@@ -24,7 +25,9 @@ one server as well.
 
 Uploads are refused (507) once the volume's free space would drop below ``min_free_bytes``: that
 reserve is what run deletion and GC write their index changes into, so a full store can always
-be emptied through the API.
+be emptied through the API. Should something else fill the volume, the ``reserve`` file (up to
+16 MiB of the reserve, allocated at start) is given up for a deletion or GC that meets a full disk,
+and made again once GC has freed space.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from mmstore_client.digest import compute_digest, digest_hex
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
@@ -73,6 +77,8 @@ _BLOB_COLUMNS = "digest, size, mime, format, width, height"
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _WAL_LIMIT_BYTES = 16 << 20  # the log is cut back to this at each checkpoint
 _PAGE = 1000  # rows per query when streaming the index (fsck)
+_RESERVE_BYTES = 16 << 20  # the reserve file's most (see the module's docstring)
+_T = TypeVar("_T")
 _CHUNK = 50  # rows between two looks at the clock in a GC or deletion batch
 _BATCH_SECONDS = 0.05  # a batch stops there (after its first chunk), committing what it did
 
@@ -144,6 +150,8 @@ class LocalStorage(Storage):
         self._write_lock_file = os.open(self.root / "index.lock", os.O_RDWR | os.O_CREAT, 0o644)
         self._db().executescript(_SCHEMA)
         self._recover_dead_uploads()
+        self.reserve_path = self.root / "reserve"
+        self._make_reserve()
 
     # -- plumbing -----------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -239,6 +247,34 @@ class LocalStorage(Storage):
                 return False
         self._remove_empty_dirs([path.parent])
         return True
+
+    def _make_reserve(self) -> None:
+        size = min(self.min_free_bytes, _RESERVE_BYTES)
+        if not size or self.reserve_path.exists():
+            return
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < 2 * size:
+            return  # no room to set aside now; the next GC tries again
+        tmp = self.tmp_dir / f"{os.getpid()}-reserve-{uuid.uuid4().hex[:12]}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def _freeing(self, action: Callable[[], _T]) -> _T:
+        """``action`` (a deletion or GC), given the reserve file's space if it meets a full disk."""
+        try:
+            return action()
+        except InsufficientStorageError:
+            if not self.reserve_path.exists():
+                raise
+            self.reserve_path.unlink(missing_ok=True)
+        return action()
 
     def _check_free_space(self, nbytes: int) -> None:
         st = os.statvfs(self.root)
@@ -412,6 +448,9 @@ class LocalStorage(Storage):
         return RunBlobPage(run=run, blobs=blobs, next_cursor=next_cursor)
 
     def delete_run(self, run: str) -> RunDeleted | None:
+        return self._freeing(lambda: self._delete_run(run))
+
+    def _delete_run(self, run: str) -> RunDeleted | None:
         """Unlink the run's blobs, one batch per transaction; the run goes with its last link.
 
         Until then the run is listed with what it still links (its counts drop batch by batch); an
@@ -456,6 +495,11 @@ class LocalStorage(Storage):
             self._yield_to_writers(time.monotonic() - started)
 
     def gc(self, grace_seconds: float) -> GcReport:
+        report = self._freeing(lambda: self._gc(grace_seconds))
+        self._make_reserve()
+        return report
+
+    def _gc(self, grace_seconds: float) -> GcReport:
         """Delete garbage older than the grace period, one batch per transaction.
 
         Within a batch the files go before the rows commit: a crash in between leaves rows of
