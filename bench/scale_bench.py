@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import os
 import random
 import signal
@@ -204,6 +205,10 @@ def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploader
             f["last page of 50 blobs (ms)"] = (time.perf_counter() - t) * 1e3
             assert len(r.json()["blobs"]) == 50
         procs.stop(proc)
+        f["index per image (bytes)"] = (root / "index.sqlite3").stat().st_size / case.size
+        allocated, inodes = disk_usage(root)
+        f["disk per image (bytes)"] = allocated / case.size
+        f["inodes per image"] = inodes / case.size
         t = time.perf_counter()
         proc, _ = start_store(procs, root, log, env=env, port=int(base.rsplit(":", 1)[1]))
         wait_http(f"{base}/healthz", proc, log, timeout=600)
@@ -239,13 +244,8 @@ def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploader
 
     asyncio.run(measure())
     procs.stop(proc)
-    allocated, inodes = disk_usage(root)
-    files = sum(1 for _ in (root / "blobs").rglob("*") if _.is_file())
     f["image bytes (avg)"] = statistics.mean(len(d) for d in images)
-    f["disk per image (bytes)"] = allocated / files
-    f["inodes per image"] = inodes / files
-    f["index per image (bytes)"] = (root / "index.sqlite3").stat().st_size / files
-    f["blobs after GC"] = files
+    f["blobs after GC"] = sum(1 for p in (root / "blobs").rglob("*") if p.is_file())
 
 
 def fmt(v: float) -> str:
@@ -284,7 +284,7 @@ def main(
                 console.print(f"{size:,} images in {runs} run(s) ...")
                 t = time.monotonic()
                 run_case(case, tmp, procs, concurrency, uploaders)
-                console.print(f"  done in {time.monotonic() - t:.0f} s")
+                console.print(f"  done in {time.monotonic() - t:.0f} s: {json.dumps(case.figures)}")
                 cases.append(case)
     load_after = loadavg()
     lo, hi = min(size_list), max(size_list)
@@ -330,7 +330,8 @@ def main(
         "right after, under the same uploads. Longest PUT: the slowest of those uploads (the write "
         "outage a client sees).",
         "- WAL: `index.sqlite3-wal` right after GC. Disk per image: blocks allocated under `blobs/` "
-        "per file; inodes: files plus fan-out folders per file; index: `index.sqlite3` per blob.",
+        "per image stored; inodes: files plus fan-out folders per image; index: `index.sqlite3` per "
+        "image (all three once filled, before any deletion).",
         "",
     ]
     if write:
