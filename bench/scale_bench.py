@@ -258,35 +258,21 @@ def fmt(v: float) -> str:
     return f"{v:.2f}"
 
 
-@app.command()
-def main(
-    sizes: Annotated[str, typer.Option(help="comma-separated store sizes (images)")] = "10000,100000",
-    layouts: Annotated[str, typer.Option(help="comma-separated run counts the images spread over")] = "100,1",
-    concurrency: Annotated[int, typer.Option(help="concurrent uploads while filling")] = 16,
-    uploaders: Annotated[int, typer.Option(help="clients uploading during DELETE and GC")] = 4,
-    output: OutputOption = RESULTS,
-    write: WriteOption = True,
-    keep_tmp: KeepTmpOption = False,
+def report(
+    cases: list[Case],
+    info: dict[str, str],
+    load_before: str,
+    load_after: str,
+    minutes: float,
+    concurrency: int,
+    uploaders: int,
+    output: Path | None,
 ) -> None:
-    interrupt_on(signal.SIGTERM, signal.SIGHUP)
-    size_list = [int(s) for s in sizes.split(",")]
-    layout_list = [int(s) for s in layouts.split(",")]
-    info = machine()
-    load_before = loadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="mmstore-scale-"))  # the store's roots: the real disk
-    procs = Processes(grace=15)
-    cases = []
-    started = time.monotonic()
-    with cleanup(procs, [tmp], keep_tmp):
-        for runs in layout_list:
-            for size in size_list:
-                case = Case(size, runs)
-                console.print(f"{size:,} images in {runs} run(s) ...")
-                t = time.monotonic()
-                run_case(case, tmp, procs, concurrency, uploaders)
-                console.print(f"  done in {time.monotonic() - t:.0f} s: {json.dumps(case.figures)}")
-                cases.append(case)
-    load_after = loadavg()
+    """Print the table of ``cases`` and (``output``) rewrite its section of the results file."""
+    size_list = sorted({c.size for c in cases})
+    layout_list = sorted({c.runs for c in cases}, reverse=True)
+    sizes = ",".join(map(str, size_list))
+    layouts = ",".join(map(str, layout_list))
     lo, hi = min(size_list), max(size_list)
     cols = ["figure", "runs", *(f"{s:,} images" for s in size_list), f"growth {lo:,} -> {hi:,}", "target"]
     rows = []
@@ -297,11 +283,10 @@ def main(
             growth = by_size[hi].figures[name] / by_size[lo].figures[name] if by_size[lo].figures[name] else 0
             rows.append([name, str(runs), *map(fmt, values), f"{growth:.2f}x", TARGETS.get(name, "")])
     console.print(rich_table("local store at scale", cols, rows, left={"figure", "target"}))
-    minutes = (time.monotonic() - started) / 60
     section = [
         "## Local store at scale",
         "",
-        f"`python bench/scale_bench.py` (sizes {sizes}, layouts {layouts}): {minutes:.0f} min. "
+        f"`python bench/scale_bench.py --sizes {sizes} --layouts {layouts}`: {minutes:.0f} min. "
         "Each case is a fresh store (`mmstore serve`, `MMSTORE_WORKERS=2`, fsync on, root on the real "
         "disk) filled with distinct 64x64 PNGs spread over the runs, then measured; the last columns "
         "give each figure's growth from the smallest to the largest size and the issue's target.",
@@ -334,9 +319,41 @@ def main(
         "image (all three once filled, before any deletion).",
         "",
     ]
-    if write:
+    if output is not None:
         write_section(output, "scale_bench", "\n".join(section) + "\n")
         console.print(f"wrote the scale_bench section of {output}")
+
+
+@app.command()
+def main(
+    sizes: Annotated[str, typer.Option(help="comma-separated store sizes (images)")] = "10000,100000",
+    layouts: Annotated[str, typer.Option(help="comma-separated run counts the images spread over")] = "100,1",
+    concurrency: Annotated[int, typer.Option(help="concurrent uploads while filling")] = 16,
+    uploaders: Annotated[int, typer.Option(help="clients uploading during DELETE and GC")] = 4,
+    output: OutputOption = RESULTS,
+    write: WriteOption = True,
+    keep_tmp: KeepTmpOption = False,
+) -> None:
+    interrupt_on(signal.SIGTERM, signal.SIGHUP)
+    size_list = [int(s) for s in sizes.split(",")]
+    layout_list = [int(s) for s in layouts.split(",")]
+    info = machine()
+    load_before = loadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="mmstore-scale-"))  # the store's roots: the real disk
+    procs = Processes(grace=15)
+    cases = []
+    started = time.monotonic()
+    with cleanup(procs, [tmp], keep_tmp):
+        for runs in layout_list:
+            for size in size_list:
+                case = Case(size, runs)
+                console.print(f"{size:,} images in {runs} run(s) ...")
+                t = time.monotonic()
+                run_case(case, tmp, procs, concurrency, uploaders)
+                console.print(f"  done in {time.monotonic() - t:.0f} s: {json.dumps(case.figures)}")
+                cases.append(case)
+    minutes = (time.monotonic() - started) / 60
+    report(cases, info, load_before, loadavg(), minutes, concurrency, uploaders, output if write else None)
 
 
 if __name__ == "__main__":
