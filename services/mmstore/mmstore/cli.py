@@ -122,28 +122,37 @@ def serve(
 def fsck(
     root: Annotated[Path | None, typer.Option(help="storage directory [env MMSTORE_ROOT]")] = None,
     storage: Annotated[str | None, typer.Option(help=_STORAGE_HELP)] = None,
-    quarantine: Annotated[
-        bool, typer.Option(help="move corrupt blobs to quarantine/ and forget them")
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            "--quarantine",
+            help="move corrupt blobs to quarantine/ and forget them; remove orphans (local storage)",
+        ),
     ] = False,
 ) -> None:
-    """Re-hash every blob; report (and optionally quarantine) those whose bytes no longer match."""
+    """Re-hash every blob; report (and with --repair mend) bytes that no longer match, and (local
+    storage) orphans: files in blobs/ that no index row names, left by an upload killed mid-way."""
     backend = _open_storage(_settings(root=root, storage=storage))
     total = sum(r.bytes for r in backend.runs()) or None
     with Progress(
         TextColumn("fsck"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console
     ) as progress:
         task = progress.add_task("fsck", total=total)
-        report = backend.fsck(quarantine=quarantine, progress=lambda n: progress.advance(task, n))
+        report = backend.fsck(quarantine=repair, progress=lambda n: progress.advance(task, n))
     console.print(
-        f"checked {report.checked} blobs: {len(report.corrupt)} corrupt, {len(report.missing)} missing"
+        f"checked {report.checked} blobs: {len(report.corrupt)} corrupt, {len(report.missing)} missing, "
+        f"{len(report.orphans)} orphans"
     )
     for d in report.corrupt:
-        console.print(f"corrupt{' (quarantined)' if quarantine else ''}: {d}")
+        console.print(f"corrupt{' (quarantined)' if repair else ''}: {d}")
     for d in report.missing:
         console.print(f"missing: {d}")
+    for d in report.orphans:
+        console.print(f"orphan{' (removed)' if repair else ''}: {d}", soft_wrap=True)
     for run in report.recounted:
         console.print(f"recounted run {run} (its blob count or bytes were off; repaired)")
-    if report.corrupt or report.missing:
+    if report.corrupt or report.missing or report.orphans:
         raise typer.Exit(1)
 
 

@@ -16,7 +16,8 @@ Every HTTP error body is ``{"error": {"code": ..., "message": ..., **details}}``
     ├── DigestMismatchError     422 digest_mismatch
     ├── CorruptImageError       422 corrupt_image
     ├── ImageTooLargeError      422 image_too_large
-    └── ImageTooComplexError    422 image_too_complex
+    ├── ImageTooComplexError    422 image_too_complex
+    └── InsufficientStorageError 507 insufficient_storage
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ DigestMismatchError = _error("DigestMismatchError", 422, "digest_mismatch")
 CorruptImageError = _error("CorruptImageError", 422, "corrupt_image")
 ImageTooLargeError = _error("ImageTooLargeError", 422, "image_too_large")
 ImageTooComplexError = _error("ImageTooComplexError", 422, "image_too_complex")
+InsufficientStorageError = _error("InsufficientStorageError", 507, "insufficient_storage")
 
 _IMAGE_ERRORS: dict[type[decode.ImageError], type[ApiError]] = {
     decode.UnsupportedImage: UnsupportedMediaError,

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     gc_grace_seconds: float = Field(
         3600.0, ge=0, description="unreferenced blobs younger than this survive GC"
     )
+    gc_batch_size: int = Field(
+        1000,
+        ge=1,
+        description="local storage: GC and run deletion commit this many blobs at a time, releasing the "
+        "index between batches, so an upload waits at most about one batch",
+    )
+    min_free_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="local storage: uploads answer 507 insufficient_storage rather than leave less free "
+        "space than this on the volume; run deletion and GC write their index changes into it",
+    )
     fsync: bool = Field(True, description="fsync blobs and the index before acknowledging a PUT")
     fast_blob_path: bool = Field(True, description="serve blob GET/HEAD from a lean ASGI path")
     info_cache_entries: int = Field(100_000, ge=0, description="digest -> BlobInfo entries cached for GET")

@@ -15,7 +15,7 @@ from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, Missin
 
 from ..bodies import json_body, read_body, read_json
 from ..deps import READ, WRITE, RunDep, StorageDep
-from ..errors import InvalidDigestError, NotFoundError
+from ..errors import InvalidDigestError, NotFoundError, UnsupportedMediaError
 from ..ingest import ingest
 
 router = APIRouter(prefix="/v1", tags=["blobs"])
@@ -138,6 +138,14 @@ async def link_blobs(request: Request, storage: StorageDep, run: RunDep) -> Link
     digests = [_check_digest(d) for d in dict.fromkeys(body.digests)]
 
     def link() -> LinkResponse:
+        for d in digests:  # all checked before any is linked: a refused request links nothing
+            info = storage.info(d)
+            if info is not None and not info.mime.startswith("image/"):
+                raise UnsupportedMediaError(
+                    f"blob {d} is {info.mime}, not an image: a run's links are images (rollout documents "
+                    "are stored with PUT /v1/runs/{run}/rollouts/{digest})",
+                    digest=d,
+                )
         linked, missing = [], []
         for d in digests:
             info = storage.link_existing(run, d)

@@ -18,7 +18,12 @@ def open_storage(settings: Settings) -> Storage:
         return S3Storage(settings.storage, max_image_pixels=settings.max_image_pixels)
     from .local import LocalStorage
 
-    return LocalStorage(settings.root, fsync=settings.fsync)
+    return LocalStorage(
+        settings.root,
+        fsync=settings.fsync,
+        batch=settings.gc_batch_size,
+        min_free_bytes=settings.min_free_bytes,
+    )
 
 
 __all__ = ["Storage", "open_storage"]

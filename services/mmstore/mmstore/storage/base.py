@@ -37,6 +37,7 @@ class FsckReport:
     checked: int
     corrupt: list[str]  # digests whose bytes no longer match (quarantined when asked)
     missing: list[str]  # indexed digests whose bytes are gone
+    orphans: list[str] = field(default_factory=list)  # stored bytes no index names (removed on repair)
     recounted: list[str] = field(default_factory=list)  # runs whose blob count / bytes were repaired
 
 
@@ -68,6 +69,10 @@ class Storage(ABC):
 
     @abstractmethod
     def info(self, digest: str) -> BlobInfo | None: ...
+
+    def exists(self, digest: str) -> bool:
+        """Whether the blob is still stored: checked before a cached HEAD or 304 is answered."""
+        return self.info(digest) is not None
 
     async def info_async(self, digest: str) -> BlobInfo | None:
         """:meth:`info` on the event loop with no thread, for ``remote`` backends."""
