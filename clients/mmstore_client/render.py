@@ -75,6 +75,22 @@ def image_refs(messages: Sequence[dict[str, Any]]) -> list[str]:
     return digests
 
 
+def describe(digest: str, header: decode.ImageHeader, layout: Layout) -> Descriptor:
+    """The descriptor of one image from its header (``decode.probe``) alone: no pixels, no I/O."""
+    placement = layout.place(header.width, header.height)
+    return Descriptor(
+        digest=digest,
+        mime=header.mime,
+        width=header.width,
+        height=header.height,
+        family=layout.family,
+        layout=layout.config.model_dump(mode="json"),
+        fingerprint=layout.fingerprint,
+        grid=placement.grid,
+        num_tokens=placement.num_tokens,
+    )
+
+
 def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as HF chat templates expect them: image parts become ``{"type": "image"}``."""
     out = []
@@ -116,20 +132,7 @@ class Renderer:
     # -- descriptors -----------------------------------------------------------------------
     def describe(self, digest: str) -> Descriptor:
         """The descriptor of one image: header size (oriented) through the layout."""
-        data = self.fetch(digest)
-        header = decode.probe(data)
-        placement = self.layout.place(header.width, header.height)
-        return Descriptor(
-            digest=digest,
-            mime=header.mime,
-            width=header.width,
-            height=header.height,
-            family=self.layout.family,
-            layout=self.layout.config.model_dump(mode="json"),
-            fingerprint=self.layout.fingerprint,
-            grid=placement.grid,
-            num_tokens=placement.num_tokens,
-        )
+        return describe(digest, decode.probe(self.fetch(digest)), self.layout)
 
     # -- text -> ids -----------------------------------------------------------------------
     def _template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
