@@ -58,6 +58,7 @@ def test_smoke_loop_against_stock_vllm_with_the_plugin(store, tiny_qwen2_vl, tmp
     assert summary.rollouts == 4 and summary.turns == 8
     assert summary.trainer["pixels_checked"] == summary.trainer["images"] > 0
     assert summary.trainer["pixel_mismatches"] == 0
+    assert summary.replicas == []  # no mmstore-inference counters to report: no "0 requests" row
 
 
 def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp_path):

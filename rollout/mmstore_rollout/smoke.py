@@ -290,7 +290,10 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
                     + (f"; {'; '.join(dead)}" if dead else "")
                 ) from exc
             wall["rollouts"] = time.perf_counter() - t
-        summary.replicas = [replica_report(n, u, before[n], scrape_replica(u)) for n, u in served.replicas]
+        if cfg.engine == "inference":  # stock vLLM has none of mmstore-inference's counters
+            summary.replicas = [
+                replica_report(n, u, before[n], scrape_replica(u)) for n, u in served.replicas
+            ]
         if served.balancer:
             lb = log_stats(served.balancer.access_log, since=log_start)
             for entry in summary.replicas:
