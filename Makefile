@@ -16,8 +16,9 @@ test: install ## install what is needed and run the test suite
 	$(VENV)/bin/pytest
 
 REPLICAS ?= 1
-smoke: install ## the main job: start the local stack, run the multi-turn RL loop, train, summarize (REPLICAS=N)
-	$(VENV)/bin/mmstore-smoke run --replicas $(REPLICAS)
+ENGINE ?= inference
+smoke: install ## the main job: start the local stack, run the multi-turn RL loop, train, summarize (REPLICAS=N, ENGINE=vllm-serve)
+	$(VENV)/bin/mmstore-smoke run --replicas $(REPLICAS) --engine $(ENGINE)
 
 up: install ## start mmstore and the inference service in the background (tiny model by default)
 	$(VENV)/bin/mmstore-smoke up

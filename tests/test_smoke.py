@@ -42,6 +42,29 @@ def test_smoke_loop_invariants(store, inference, tiny_qwen2_vl, tmp_path):
     assert (checkpoint / "config.json").is_file() and list(checkpoint.glob("*.safetensors"))
 
 
+def test_smoke_loop_against_stock_vllm_with_the_plugin(store, tiny_qwen2_vl, tmp_path):
+    """``--engine vllm-serve``: stock vLLM's server, refs resolved by the plugin, 0 mismatches,
+    and every image the trainer materialized has the pixels the decoding rule gave vLLM."""
+    cfg = SmokeConfig(
+        out=tmp_path / "run",
+        model=tiny_qwen2_vl,
+        store=store.url,
+        engine="vllm-serve",
+        groups=2,
+        group_size=2,
+        turns=2,
+        workers=2,
+        train_steps=1,
+        run="smoke-stock-vllm",
+    )
+    summary = run_smoke(cfg)
+    assert summary.placeholder_mismatches == 0 and summary.inference_errors == 0
+    assert summary.rollouts == 4 and summary.turns == 8
+    assert summary.trainer["pixels_checked"] == summary.trainer["images"] > 0
+    assert summary.trainer["pixel_mismatches"] == 0
+    assert summary.replicas == []  # no mmstore-inference counters to report: no "0 requests" row
+
+
 def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp_path):
     from mmstore_rollout.stack import Stack
 

@@ -88,6 +88,22 @@ def image_refs(messages: Sequence[dict[str, Any]]) -> list[str]:
     return digests
 
 
+def describe(digest: str, header: ImageHeader, layout: Layout) -> Descriptor:
+    """The descriptor of one image from its header (``decode.probe``) alone: no pixels, no I/O."""
+    placement = layout.place(header.width, header.height)
+    return Descriptor(
+        digest=digest,
+        mime=header.mime,
+        width=header.width,
+        height=header.height,
+        family=layout.family,
+        layout=layout.config.model_dump(mode="json"),
+        fingerprint=layout.fingerprint,
+        grid=placement.grid,
+        num_tokens=placement.num_tokens,
+    )
+
+
 def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as HF chat templates expect them: image parts become ``{"type": "image"}``."""
     out = []
@@ -159,18 +175,7 @@ class Renderer:
     # -- descriptors -----------------------------------------------------------------------
     def describe(self, digest: str, header: ImageHeader) -> Descriptor:
         """The descriptor of one image: its header's oriented size through the layout."""
-        placement = self.layout.place(header.width, header.height)
-        return Descriptor(
-            digest=digest,
-            mime=header.mime,
-            width=header.width,
-            height=header.height,
-            family=self.layout.family,
-            layout=self.layout.config.model_dump(mode="json"),
-            fingerprint=self.layout.fingerprint,
-            grid=placement.grid,
-            num_tokens=placement.num_tokens,
-        )
+        return describe(digest, header, self.layout)
 
     # -- text -> ids -----------------------------------------------------------------------
     def _template(

@@ -40,6 +40,14 @@ def run(
             help="inference replicas to start; more than 1: behind nginx (apt-get install -y nginx)",
         ),
     ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="inference: start mmstore-inference; vllm-serve: start stock vLLM's server with the "
+            "mmstore-vllm plugin and drive its /inference/v1/generate with content_parts refs",
+            envvar="MMSTORE_SMOKE_ENGINE",
+        ),
+    ] = "inference",
     inference_replica: Annotated[
         list[str] | None,
         typer.Option(
@@ -72,7 +80,12 @@ def run(
         raise typer.BadParameter(
             "--replicas starts replicas; --inference-replica uses running ones: pick one"
         )
+    if engine not in ("inference", "vllm-serve"):
+        raise typer.BadParameter(f"--engine {engine!r}: use inference or vllm-serve")
+    if engine == "vllm-serve" and (replicas > 1 or inference_replica):
+        raise typer.BadParameter("--engine vllm-serve starts one stock vLLM server: no replicas")
     cfg = SmokeConfig(
+        engine=engine,
         out=out,
         model=model,
         store=store,

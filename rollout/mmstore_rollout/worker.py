@@ -17,6 +17,7 @@ from mmstore_client import AsyncStoreClient, ConflictError
 from mmstore_client.descriptor import ProcessedPayloadError, Sample, reject_processed
 from mmstore_client.inference import AsyncInferenceClient, GenerateRequest, SamplingOptions
 from mmstore_client.offload import aoffload_messages
+from mmstore_client.placeholders import PlaceholderMismatch
 from mmstore_client.render import Rendered, Renderer, image_refs
 from mmstore_client.rollouts import RolloutDoc, aput_rollout, rollout_turns
 
@@ -100,7 +101,9 @@ class RolloutWorker:
             response = await self.inference.generate(request, affinity=affinity)
         except Exception as exc:
             self.stats.inference_errors += 1
-            if isinstance(exc, ConflictError) and exc.code == "placeholder_mismatch":
+            if isinstance(exc, PlaceholderMismatch) or (
+                isinstance(exc, ConflictError) and exc.code == "placeholder_mismatch"
+            ):
                 self.stats.placeholder_mismatches += 1
             raise
         finally:
