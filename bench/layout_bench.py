@@ -49,9 +49,9 @@ from rich.table import Table
 
 add_to_path("clients")  # mmstore_client, if the venv lacks it
 from mmstore_client import decode  # noqa: E402
-from mmstore_client.descriptor import Descriptor  # noqa: E402
 from mmstore_client.digest import compute_digest, make_ref  # noqa: E402
 from mmstore_client.layouts import Layout  # noqa: E402
+from mmstore_client.render import describe  # noqa: E402
 
 SPEED_TARGET = 1000.0  # place >= 1000x faster than the HF path
 WIRE_TARGET = 10_000.0  # refs >= 10,000x smaller than pixel_values
@@ -284,22 +284,8 @@ def measure_wire(kind: str, turns: int, layout: Layout, processor, seed: int) ->
     blobs = [make_image(kind, width, height, seed + t) for t in range(turns)]
     descs, uris, pv_bytes = [], [], []
     for data in blobs:
-        header = decode.probe(data)
-        placement = layout.place(header.width, header.height)
         digest = compute_digest(data)
-        descs.append(
-            Descriptor(
-                digest=digest,
-                mime=header.mime,
-                width=header.width,
-                height=header.height,
-                family=layout.family,
-                layout=layout.config.model_dump(mode="json"),
-                fingerprint=layout.fingerprint,
-                grid=placement.grid,
-                num_tokens=placement.num_tokens,
-            )
-        )
+        descs.append(describe(digest, decode.probe(data), layout))
         uris.append(make_ref(digest))
         out = processor_output(processor, decode.decode_rgb(data))
         pv_bytes.append(out["pixel_values"].numel() * out["pixel_values"].element_size())
