@@ -158,7 +158,7 @@ def hf_ids(model_dir: Path, renderer: Renderer, messages: list[dict], images: li
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    text = renderer._template(messages, True)
+    text = renderer.prompt_text(messages)
     out = processor(text=[text], images=[decode.decode_rgb(d) for d in images], return_tensors="np")
     return out["input_ids"][0].tolist()
 
@@ -166,7 +166,7 @@ def hf_ids(model_dir: Path, renderer: Renderer, messages: list[dict], images: li
 def one_pad_prompt(renderer: Renderer, messages: list[dict]) -> list[int]:
     """The chat template's ids with one ``<|image_pad|>`` per image: what token-in clients send
     with ``content_parts`` (vLLM expands each pad to the image's run)."""
-    return renderer.tokenizer.encode(renderer._template(messages, True), add_special_tokens=False)
+    return renderer.tokenizer.encode(renderer.prompt_text(messages), add_special_tokens=False)
 
 
 def generate(server: ServerProcess, token_ids: list[int], urls: list[str], **kw) -> httpx.Response:

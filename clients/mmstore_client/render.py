@@ -178,6 +178,20 @@ class Renderer:
         return describe(digest, header, self.layout)
 
     # -- text -> ids -----------------------------------------------------------------------
+    def prompt_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The chat template's text, one ``placeholder`` per image: what a token-in client sends a
+        stock vLLM (which expands each placeholder itself) and what HF processors take."""
+        return self._template(
+            messages, add_generation_prompt, TemplateOptions.of(tools, chat_template_kwargs)
+        )
+
     def _template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, options: TemplateOptions
     ) -> str:
