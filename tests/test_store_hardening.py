@@ -74,6 +74,23 @@ def test_digest_with_trailing_newline_is_not_a_digest():
     assert is_digest(digest) and not is_digest(digest + "\n")
 
 
+def test_inference_settings_take_the_stores_run_id_rule():
+    """The inference service refuses, at start-up, an offload run the store would refuse."""
+    from mmstore_client.digest import is_run_id
+    from mmstore_inference.settings import InferenceSettings
+    from pydantic import ValidationError
+
+    for run in ("ok", "a" * 128, "-bad", "a" * 129, "x\n", "a/b", ""):
+        try:
+            InferenceSettings(model="m", offload_run=run)
+        except ValidationError:
+            accepted = False
+        else:
+            accepted = True
+        assert accepted == is_run_id(run), run
+    assert is_run_id("ok") and not is_run_id("x\n")
+
+
 def test_run_id_with_trailing_newline_is_400(store):
     data = image_bytes(seed=1601)
     r = httpx.put(f"{store.url}/v1/runs/x%0A/blobs/{compute_digest(data)}", content=data)

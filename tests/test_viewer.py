@@ -199,6 +199,16 @@ async def test_rollout_documents_are_checked(local):
     assert r.status_code == 404
 
 
+async def test_pages_refuse_a_malformed_run_id_as_the_api_does(local):
+    """A run id the store could never hold is a bad request (400 invalid_run), not an unknown run."""
+    for path in ("/ui/runs/-bad", "/ui/runs/-bad/rollouts", f"/ui/runs/-bad/rollouts/{compute_digest(b'x')}"):
+        r = await local.get(path)
+        assert r.status_code == 400 and "invalid_run" in r.text, (path, r.status_code)
+    api = await local.get("/v1/runs/-bad")
+    assert api.status_code == 400 and api.json()["error"]["code"] == "invalid_run"
+    assert (await local.get("/ui/runs/unknown")).status_code == 404  # well-formed, absent: 404
+
+
 def test_rollouts_thumbnails_and_pages_on_the_s3_backend(s3_store):
     """The same documents, thumbnails and pages where the store is a bucket (no local root)."""
     images = [image_bytes(120, 80, fmt="JPEG", seed=5), image_bytes(50, 70, seed=6)]
