@@ -22,12 +22,11 @@ worker's ``rollout_id`` is shown, not indexed: documents are addressed by digest
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from mmstore_client.cache import LRUCache
 from mmstore_client.digest import compute_digest
 from mmstore_client.models import BlobInfo
 from mmstore_client.rollouts import ROLLOUTS_SUFFIX, RolloutDoc, RolloutInfo, RolloutPage, summarize
@@ -68,15 +67,10 @@ class RolloutDocs:
 
     def __init__(self, storage: Storage, cache_entries: int = 4096) -> None:
         self.storage = storage
-        self._summaries: OrderedDict[str, RolloutInfo] = OrderedDict()
-        self._cache_entries = cache_entries
-        self._lock = threading.Lock()  # sync routes run in a thread pool
+        self._summaries: LRUCache[str, RolloutInfo] = LRUCache(cache_entries)  # shared by threads
 
     def _remember(self, info: RolloutInfo) -> RolloutInfo:
-        with self._lock:
-            self._summaries[info.digest] = info
-            if len(self._summaries) > self._cache_entries:
-                self._summaries.popitem(last=False)
+        self._summaries.put(info.digest, info)
         return info
 
     def put(self, run: str, data: bytes, expected: str | None) -> tuple[RolloutInfo, bool]:
