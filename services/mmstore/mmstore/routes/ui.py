@@ -26,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from mmstore_client import decode
+from mmstore_client.prometheus import Counts
 from mmstore_client.rollouts import ROLLOUTS_SUFFIX, RolloutDoc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,7 +43,7 @@ from ..errors import (
     UnsupportedMediaError,
     from_image_error,
 )
-from ..metrics import CountOf, StoreMetrics
+from ..metrics import StoreMetrics
 from ..settings import Settings
 from ..storage.base import Storage
 from ..thumbnails import MIME, SIZES, VERSION, ThumbnailCache
@@ -87,14 +88,17 @@ class Viewer:
             max_pixels=store.max_image_pixels,
             max_jpeg_scans=store.max_jpeg_scans,
         )
-        for what in ("hits", "misses", "evictions"):
-            metrics.registry.register(
-                CountOf(
-                    f"mmstore_ui_thumbnail_cache_{what}",
-                    f"thumbnail cache {what}",
-                    lambda what=what: getattr(thumbs, what),
-                )
+        metrics.registry.register(
+            Counts(
+                {
+                    f"mmstore_ui_thumbnail_cache_{what}": (
+                        f"thumbnail cache {what}",
+                        lambda what=what: getattr(thumbs, what),
+                    )
+                    for what in ("hits", "misses", "evictions")
+                }
             )
+        )
         return cls(settings, thumbs)
 
 
