@@ -297,6 +297,28 @@ async def test_thumbnail_cache_is_a_bounded_lru(local):
     assert cache.misses == len(blobs) + 1  # the oldest was evicted and is made again
 
 
+async def test_concurrent_requests_for_one_thumbnail_share_one_generation(local):
+    import asyncio
+
+    from mmstore.thumbnails import ThumbnailCache
+
+    storage = local.app.state.storage
+    reads = []
+
+    class CountingReads:  # the real storage; counts the reads a generation makes
+        def read(self, digest, offset, size):
+            reads.append(digest)
+            return storage.read(digest, offset, size)
+
+    data = image_bytes(300, 200, seed=77)
+    digest = compute_digest(data)
+    await local.put(f"/v1/runs/flight/blobs/{digest}", content=data)
+    cache = ThumbnailCache(CountingReads(), local.app.state.decoder)
+    thumbs = await asyncio.gather(*(cache.get(digest, 128, len(data)) for _ in range(5)))
+    assert len(set(thumbs)) == 1 and reads == [digest] and len(cache) == 1
+    assert await cache.get(digest, 128, len(data)) == thumbs[0] and reads == [digest]  # now cached
+
+
 # -- pages ----------------------------------------------------------------------------------
 async def test_run_pages_stay_fast_with_10000_blobs(local):
     storage = local.app.state.storage
