@@ -74,6 +74,23 @@ def test_digest_with_trailing_newline_is_not_a_digest():
     assert is_digest(digest) and not is_digest(digest + "\n")
 
 
+def test_inference_settings_take_the_stores_run_id_rule():
+    """The inference service refuses, at start-up, an offload run the store would refuse."""
+    from mmstore_client.digest import is_run_id
+    from mmstore_inference.settings import InferenceSettings
+    from pydantic import ValidationError
+
+    for run in ("ok", "a" * 128, "-bad", "a" * 129, "x\n", "a/b", ""):
+        try:
+            InferenceSettings(model="m", offload_run=run)
+        except ValidationError:
+            accepted = False
+        else:
+            accepted = True
+        assert accepted == is_run_id(run), run
+    assert is_run_id("ok") and not is_run_id("x\n")
+
+
 def test_run_id_with_trailing_newline_is_400(store):
     data = image_bytes(seed=1601)
     r = httpx.put(f"{store.url}/v1/runs/x%0A/blobs/{compute_digest(data)}", content=data)
@@ -281,6 +298,26 @@ def test_stalled_uploads_do_not_hold_their_bytes(store):
 
 
 # -- metrics: counts are counters ------------------------------------------------------------------
+
+
+def test_the_smoke_runs_store_counters_read_what_the_store_exports(store):
+    """rollout's smoke run reads the store's counters by the names the store exports (one list)."""
+    from mmstore_rollout.smoke import _service_counters
+
+    data = image_bytes(40, 30, seed=1607)
+    url = f"{store.url}/v1/runs/names/blobs/{compute_digest(data)}"
+    before, _ = _service_counters(store.url, [])
+    for _ in range(2):  # stored, then deduplicated
+        assert httpx.put(url, content=data).status_code in (200, 201)
+    assert httpx.get(f"{store.url}/v1/blobs/{compute_digest(data)}").content == data
+    after, _ = _service_counters(store.url, [])
+    change = {k: after[k] - before[k] for k in after}
+    assert change == {
+        "blobs_created": 1,
+        "uploads_deduplicated": 1,
+        "bytes_in": 2 * len(data),
+        "bytes_out": len(data),
+    }
 
 
 def test_store_counts_are_counters_with_total(store):

@@ -199,6 +199,16 @@ async def test_rollout_documents_are_checked(local):
     assert r.status_code == 404
 
 
+async def test_pages_refuse_a_malformed_run_id_as_the_api_does(local):
+    """A run id the store could never hold is a bad request (400 invalid_run), not an unknown run."""
+    for path in ("/ui/runs/-bad", "/ui/runs/-bad/rollouts", f"/ui/runs/-bad/rollouts/{compute_digest(b'x')}"):
+        r = await local.get(path)
+        assert r.status_code == 400 and "invalid_run" in r.text, (path, r.status_code)
+    api = await local.get("/v1/runs/-bad")
+    assert api.status_code == 400 and api.json()["error"]["code"] == "invalid_run"
+    assert (await local.get("/ui/runs/unknown")).status_code == 404  # well-formed, absent: 404
+
+
 def test_rollouts_thumbnails_and_pages_on_the_s3_backend(s3_store):
     """The same documents, thumbnails and pages where the store is a bucket (no local root)."""
     images = [image_bytes(120, 80, fmt="JPEG", seed=5), image_bytes(50, 70, seed=6)]
@@ -285,6 +295,28 @@ async def test_thumbnail_cache_is_a_bounded_lru(local):
     assert cache.hits == 1  # the most recent one stayed
     await cache.get(blobs[0][0], 256, blobs[0][1])
     assert cache.misses == len(blobs) + 1  # the oldest was evicted and is made again
+
+
+async def test_concurrent_requests_for_one_thumbnail_share_one_generation(local):
+    import asyncio
+
+    from mmstore.thumbnails import ThumbnailCache
+
+    storage = local.app.state.storage
+    reads = []
+
+    class CountingReads:  # the real storage; counts the reads a generation makes
+        def read(self, digest, offset, size):
+            reads.append(digest)
+            return storage.read(digest, offset, size)
+
+    data = image_bytes(300, 200, seed=77)
+    digest = compute_digest(data)
+    await local.put(f"/v1/runs/flight/blobs/{digest}", content=data)
+    cache = ThumbnailCache(CountingReads(), local.app.state.decoder)
+    thumbs = await asyncio.gather(*(cache.get(digest, 128, len(data)) for _ in range(5)))
+    assert len(set(thumbs)) == 1 and reads == [digest] and len(cache) == 1
+    assert await cache.get(digest, 128, len(data)) == thumbs[0] and reads == [digest]  # now cached
 
 
 # -- pages ----------------------------------------------------------------------------------

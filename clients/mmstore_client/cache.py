@@ -1,11 +1,13 @@
 """The one bounded cache of the project, and the one single-flight, for content-addressed values.
 
-Everything cached here is keyed by a digest (or derived from one), so an entry can never be
-stale: there is no invalidation, only eviction of the least recently used entries once the
-entries' total cost passes the bound. The cost is what the caller says an entry weighs (bytes for
-blobs, width*height*3 for decoded images, 1 for small records), so one class bounds every cache.
-The LRU bookkeeping is ``cachetools.LRUCache``; this wrapper adds the lock (the caches are shared
-by threads), hit and miss counts for metrics, and silently skips values larger than the bound.
+Almost everything cached here is keyed by a digest (or derived from one), so an entry can never be
+stale: there is no invalidation, only eviction of the least recently used entries once the entries'
+total cost passes the bound. The one exception, a hint that changes (the S3 backend's last-seen run
+counter and its ETag), is stored with :meth:`LRUCache.replace`. The cost is what the caller says an
+entry weighs (bytes for blobs, width*height*3 for decoded images, 1 for small records), so one class
+bounds every cache. The LRU bookkeeping is ``cachetools.LRUCache``; this wrapper adds the lock (the
+caches are shared by threads), hit, miss and eviction counts for metrics, and silently skips values
+larger than the bound.
 
 :class:`SingleFlight` / :class:`AsyncSingleFlight` make concurrent callers of one key share one
 computation (a fetch, a decode): the first caller runs it, the others wait for its result or its
@@ -33,13 +35,24 @@ def _one(_: object) -> int:
     return 1
 
 
+class _CountingLRU(cachetools.LRUCache):
+    """cachetools' LRU, counting the entries it evicts to stay under the bound."""
+
+    evictions = 0
+
+    def popitem(self):  # cachetools calls this, and only this, to evict
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
 class LRUCache(Generic[K, V]):
     """A thread-safe LRU bounded by the total ``cost`` of its values (default: 1 per entry)."""
 
     def __init__(self, max_cost: int, cost: Callable[[V], int] = _one) -> None:
         self.max_cost = max_cost
         self._cost = cost
-        self._entries: cachetools.LRUCache[K, V] = cachetools.LRUCache(maxsize=max_cost, getsizeof=cost)
+        self._entries: _CountingLRU = _CountingLRU(maxsize=max_cost, getsizeof=cost)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -65,6 +78,14 @@ class LRUCache(Generic[K, V]):
                 return
             self._entries[key] = value
 
+    def replace(self, key: K, value: V) -> None:
+        """Keep ``value`` for ``key`` even when an older value is held (a hint that changes)."""
+        if self._cost(value) > self.max_cost:
+            self.discard(key)
+            return
+        with self._lock:
+            self._entries[key] = value
+
     def discard(self, key: K) -> None:
         """Forget ``key`` (for values whose source was deleted, e.g. a blob removed by GC)."""
         with self._lock:
@@ -81,6 +102,11 @@ class LRUCache(Generic[K, V]):
     def size(self) -> int:
         """The total cost held now."""
         return int(self._entries.currsize)
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped to stay under the bound (not those discarded or replaced)."""
+        return self._entries.evictions
 
 
 class ByteCache(LRUCache[str, bytes]):

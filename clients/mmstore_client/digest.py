@@ -1,9 +1,11 @@
-"""Content digests and refs: the one identity of an image across every component.
+"""Content digests and refs: the one identity of an image across every component; and run ids.
 
 A digest is ``blake3:<64 lowercase hex>`` of the raw file bytes, exactly as uploaded.
 A ref is the URI that stands for an image inside chat messages: ``mmstore://blobs/<digest>``.
 It names no host, so a ref stays valid under any deployment (one store, many replicas,
 a bucket): every reader resolves it against the store it is configured with.
+A run id names the run that keeps blobs alive (:data:`RUN_ID_PATTERN`); the store refuses others,
+and clients check theirs with the same rule before sending.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ REF_PREFIX = "mmstore://blobs/"
 
 # matched with fullmatch: ``$`` would also match before a trailing newline
 _DIGEST_RE = re.compile(r"blake3:[0-9a-f]{64}")
+
+
+# anchored for pydantic's ``pattern`` (which searches); ``is_run_id`` matches it whole, so a
+# trailing newline is refused too. No ``/``: run ids are path segments and bucket key prefixes.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_RUN_ID_RE = re.compile(RUN_ID_PATTERN)
 
 
 class InvalidDigest(ValueError):
@@ -51,6 +59,10 @@ class DigestHasher:
 
 def is_digest(value: str) -> bool:
     return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
+
+
+def is_run_id(value: str) -> bool:
+    return isinstance(value, str) and _RUN_ID_RE.fullmatch(value) is not None
 
 
 def validate_digest(value: str) -> str:

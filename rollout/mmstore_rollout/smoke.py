@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from mmstore import metrics as sm
 from mmstore_client import AsyncStoreClient, MmstoreError
 from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
 from mmstore_client.render import Renderer
+from mmstore_inference import metrics as im
+from mmstore_inference.errors import PlaceholderMismatch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -33,7 +36,14 @@ from rich.table import Table
 from .balancer import log_length, log_stats, upstream_key
 from .plots import write_plots
 from .stack import Service, Stack
-from .stats import LoopStats, metric, replica_report, scrape_replica
+from .stats import (
+    VLLM_MM_CACHE_HITS,
+    VLLM_PREFIX_CACHE_HITS,
+    LoopStats,
+    metric,
+    replica_report,
+    scrape_replica,
+)
 from .vllm_serve import VllmServeInference
 from .worker import RolloutWorker
 
@@ -109,18 +119,18 @@ def _service_counters(store_url: str, inference_urls: list[str]) -> tuple[dict, 
             if len(inference_urls) == 1:
                 raise
     store = {
-        "blobs_created": metric(s, "mmstore_blobs_created_total"),
-        "uploads_deduplicated": metric(s, "mmstore_blobs_deduplicated_total"),
-        "bytes_in": metric(s, "mmstore_bytes_in_total"),
-        "bytes_out": metric(s, "mmstore_bytes_out_total"),
+        "blobs_created": metric(s, sm.BLOBS_CREATED),
+        "uploads_deduplicated": metric(s, sm.BLOBS_DEDUPLICATED),
+        "bytes_in": metric(s, sm.BYTES_IN),
+        "bytes_out": metric(s, sm.BYTES_OUT),
     }
     names = {
-        "store_fetches": "mmstore_inference_store_fetches_total",
-        "byte_cache_hits": "mmstore_inference_byte_cache_hits_total",
-        "decoded_cache_hits": "mmstore_inference_decoded_cache_hits_total",
-        "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
-        "mm_cache_hits": "vllm:mm_cache_hits_total",
-        "placeholder_mismatch_errors": 'mmstore_inference_requests_total{code="placeholder_mismatch"}',
+        "store_fetches": im.STORE_FETCHES,
+        "byte_cache_hits": im.BYTE_CACHE_HITS,
+        "decoded_cache_hits": im.DECODED_CACHE_HITS,
+        "prefix_cache_hit_tokens": VLLM_PREFIX_CACHE_HITS,
+        "mm_cache_hits": VLLM_MM_CACHE_HITS,
+        "placeholder_mismatch_errors": f'{im.REQUESTS}{{code="{PlaceholderMismatch.code}"}}',
     }
     inference = {key: sum(metric(i, name) for i in texts) for key, name in names.items()}
     return store, inference

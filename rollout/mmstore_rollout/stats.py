@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mmstore_client.descriptor import Descriptor
 from mmstore_client.layouts import Layout
 from mmstore_client.layouts.base import Placement
+from mmstore_inference import metrics as im
 
 FLOAT32_BYTES = 4
 
@@ -46,18 +47,24 @@ class LoopStats:
 
 # -- per replica: its own /metrics (ours and vLLM's), as deltas over a phase ----------------------
 
+# vLLM's own counters (its names, not ours): prefix-cache tokens and multimodal processor cache
+VLLM_PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"  # tokens
+VLLM_PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries_total"
+VLLM_MM_CACHE_HITS = "vllm:mm_cache_hits_total"
+VLLM_MM_CACHE_QUERIES = "vllm:mm_cache_queries_total"
+
 REPLICA_METRICS = {
-    "requests": "mmstore_inference_requests_total",
-    "ok": 'mmstore_inference_requests_total{code="ok"}',
-    "store_fetches": "mmstore_inference_store_fetches_total",
-    "bytes_fetched": "mmstore_inference_fetched_bytes_total",
-    "byte_cache_hits": "mmstore_inference_byte_cache_hits_total",
-    "byte_cache_misses": "mmstore_inference_byte_cache_misses_total",
-    "decoded_cache_hits": "mmstore_inference_decoded_cache_hits_total",
-    "prefix_cache_hits": "vllm:prefix_cache_hits_total",  # tokens
-    "prefix_cache_queries": "vllm:prefix_cache_queries_total",
-    "mm_cache_hits": "vllm:mm_cache_hits_total",  # vLLM's multimodal processor cache
-    "mm_cache_queries": "vllm:mm_cache_queries_total",
+    "requests": im.REQUESTS,
+    "ok": f'{im.REQUESTS}{{code="ok"}}',
+    "store_fetches": im.STORE_FETCHES,
+    "bytes_fetched": im.FETCHED_BYTES,
+    "byte_cache_hits": im.BYTE_CACHE_HITS,
+    "byte_cache_misses": im.BYTE_CACHE_MISSES,
+    "decoded_cache_hits": im.DECODED_CACHE_HITS,
+    "prefix_cache_hits": VLLM_PREFIX_CACHE_HITS,
+    "prefix_cache_queries": VLLM_PREFIX_CACHE_QUERIES,
+    "mm_cache_hits": VLLM_MM_CACHE_HITS,
+    "mm_cache_queries": VLLM_MM_CACHE_QUERIES,
 }
 
 

@@ -2,16 +2,27 @@
 
 Counts that the store client and the image fetcher keep themselves (fetches, bytes, cache hits,
 decodes) only ever grow, so they are exported as counters (``_total``, read at scrape time by
-:class:`_Counts`): ``rate()`` and ``increase()`` work on them and survive a restart's reset.
+:class:`mmstore_client.prometheus.Counts`): ``rate()`` and ``increase()`` work on them and
+survive a restart's reset.
+
+The counters rollout scrapes (its smoke run and per-replica stats) are named by the constants
+below, the sample names as scraped (``..._total``; prometheus_client takes a counter's name with
+or without the suffix). This module imports only prometheus_client and the contract, never vLLM,
+so importing the names is cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
+from mmstore_client.prometheus import Counts
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+
+REQUESTS = "mmstore_inference_requests_total"  # label ``code``: ok, or the error's code
+STORE_FETCHES = "mmstore_inference_store_fetches_total"
+FETCHED_BYTES = "mmstore_inference_fetched_bytes_total"
+BYTE_CACHE_HITS = "mmstore_inference_byte_cache_hits_total"
+BYTE_CACHE_MISSES = "mmstore_inference_byte_cache_misses_total"
+DECODED_CACHE_HITS = "mmstore_inference_decoded_cache_hits_total"
+DECODES = "mmstore_inference_decodes_total"
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -19,9 +30,7 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 class InferenceMetrics:
     def __init__(self, fetcher) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "mmstore_inference_requests", "generate requests by outcome", ["code"], registry=r
-        )
+        self.requests = Counter(REQUESTS, "generate requests by outcome", ["code"], registry=r)
         self.fetch_seconds = Histogram(
             "mmstore_inference_fetch_seconds", "image fetch+decode per request", buckets=_LATENCY, registry=r
         )
@@ -37,31 +46,14 @@ class InferenceMetrics:
         self.prompt_tokens = Counter("mmstore_inference_prompt_tokens", "prompt tokens", registry=r)
         store = fetcher.store
         r.register(
-            _Counts(
+            Counts(
                 {
-                    "mmstore_inference_fetched_bytes": (
-                        "image bytes fetched from the store",
-                        lambda: store.fetched_bytes,
-                    ),
-                    "mmstore_inference_store_fetches": ("blob GETs sent to the store", lambda: store.fetches),
-                    "mmstore_inference_byte_cache_hits": ("byte cache hits", lambda: store.cache.hits),
-                    "mmstore_inference_byte_cache_misses": ("byte cache misses", lambda: store.cache.misses),
-                    "mmstore_inference_decoded_cache_hits": (
-                        "decoded-image cache hits",
-                        lambda: fetcher.decoded_hits,
-                    ),
-                    "mmstore_inference_decodes": ("images decoded", lambda: fetcher.decodes),
+                    FETCHED_BYTES: ("image bytes fetched from the store", lambda: store.fetched_bytes),
+                    STORE_FETCHES: ("blob GETs sent to the store", lambda: store.fetches),
+                    BYTE_CACHE_HITS: ("byte cache hits", lambda: store.cache.hits),
+                    BYTE_CACHE_MISSES: ("byte cache misses", lambda: store.cache.misses),
+                    DECODED_CACHE_HITS: ("decoded-image cache hits", lambda: fetcher.decoded_hits),
+                    DECODES: ("images decoded", lambda: fetcher.decodes),
                 }
             )
         )
-
-
-class _Counts(Collector):
-    """Monotonic counts kept elsewhere, exported as counters (``<name>_total``) when scraped."""
-
-    def __init__(self, counts: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        self.counts = counts
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, (doc, read) in self.counts.items():
-            yield CounterMetricFamily(name, doc, value=read())

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmstore_client.digest import RUN_ID_PATTERN as RUN_PATTERN  # the store's run ids
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # the store's run ids
 
 
 class InferenceSettings(BaseSettings):

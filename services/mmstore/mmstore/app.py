@@ -11,7 +11,7 @@ from .decoding import Decoder
 from .errors import install_handlers
 from .fastpath import BlobFastPath
 from .metrics import MetricsMiddleware, StoreMetrics
-from .routes import admin, blobs, health, runs, ui
+from .routes import admin, blobs, health, rollouts, runs, ui
 from .settings import Settings
 from .storage import open_storage
 from .timeouts import BodyTimeout
@@ -22,6 +22,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     storage = open_storage(settings)
     metrics = StoreMetrics()
     authorizer = Authorizer(settings.token_scopes())
+    decoder = Decoder(
+        threads=settings.decode_threads, pixel_budget=settings.decode_pixel_budget, nice=settings.decode_nice
+    )
     reader = BlobReader(
         storage,
         settings.info_cache_entries,
@@ -40,14 +43,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.authorizer = authorizer
     app.state.blob_reader = reader
-    app.state.decoder = Decoder(
-        threads=settings.decode_threads, pixel_budget=settings.decode_pixel_budget, nice=settings.decode_nice
-    )
+    app.state.decoder = decoder
+    app.state.rollout_docs = rollouts.RolloutDocs(storage)
+    app.state.viewer = ui.Viewer.create(settings, storage, decoder, metrics)
     install_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
 
-    for router in (blobs.router, runs.router, admin.router, health.router):
+    for router in (blobs.router, runs.router, rollouts.router, admin.router, health.router, ui.router):
         app.include_router(router)
-    app.include_router(ui.router)  # the viewer (/ui) and the rollout-metadata API
     # the last added middleware is the outermost: the fast path answers before the metrics
     # middleware (it counts its own requests), everything else is counted there.
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)  # inside: its 408 is counted

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
-from mmstore_client.digest import is_digest
 from mmstore_client.models import BlobInfo
 
-from .errors import InvalidDigestError, NotFoundError, RangeNotSatisfiable
+from .deps import checked_digest
+from .errors import NotFoundError, RangeNotSatisfiable
 from .storage.base import Storage
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
@@ -174,8 +174,7 @@ class BlobReader:
         redirect: bool = True,
     ) -> BlobReply:
         """The reply to a GET/HEAD; ``redirect`` False: never a 307 (the bytes come through us)."""
-        if not is_digest(digest):
-            raise InvalidDigestError(f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>")
+        checked_digest(digest)  # the fast path calls this before any route's dependency could
         etag = f'"{digest}"'
         not_modified = bool(if_none_match) and (if_none_match.strip() == "*" or etag in if_none_match)
         size, mime = await self._lookup(digest, fresh=head or not_modified)

@@ -1,13 +1,21 @@
-"""Prometheus metrics of the store (per process; run one scrape target per worker)."""
+"""Prometheus metrics of the store (per process; run one scrape target per worker).
+
+The counters other components scrape (rollout's smoke run) are named by the constants below, the
+sample names as scraped (``..._total``; prometheus_client takes a counter's name with or without
+the suffix): they import the names rather than copy the strings. This module imports only
+prometheus_client, so importing it costs nothing of the server.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+
+BYTES_IN = "mmstore_bytes_in_total"
+BYTES_OUT = "mmstore_bytes_out_total"
+BLOBS_CREATED = "mmstore_blobs_created_total"
+BLOBS_DEDUPLICATED = "mmstore_blobs_deduplicated_total"
 
 
 class StoreMetrics:
@@ -23,28 +31,17 @@ class StoreMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
-        self.bytes_in = Counter("mmstore_bytes_in", "blob bytes received", registry=self.registry)
-        self.bytes_out = Counter("mmstore_bytes_out", "blob bytes served", registry=self.registry)
-        self.blobs_created = Counter("mmstore_blobs_created", "new blobs stored", registry=self.registry)
+        self.bytes_in = Counter(BYTES_IN, "blob bytes received", registry=self.registry)
+        self.bytes_out = Counter(BYTES_OUT, "blob bytes served", registry=self.registry)
+        self.blobs_created = Counter(BLOBS_CREATED, "new blobs stored", registry=self.registry)
         self.blobs_deduplicated = Counter(
-            "mmstore_blobs_deduplicated", "uploads of bytes already stored", registry=self.registry
+            BLOBS_DEDUPLICATED, "uploads of bytes already stored", registry=self.registry
         )
         self.errors = Counter("mmstore_errors", "error responses by code", ["code"], registry=self.registry)
 
     def observe(self, route: str, method: str, status: int, started: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(time.perf_counter() - started)
-
-
-class CountOf(Collector):
-    """A count that another object keeps (an int it only increments), exported as a counter
-    (``<name>_total``): ``rate()`` and ``increase()`` work on it, as they do not on a gauge."""
-
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        self.name, self.documentation, self.read = name, documentation, read
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class MetricsMiddleware:

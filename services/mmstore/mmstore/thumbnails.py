@@ -7,22 +7,23 @@
   EXIF orientation applied, first frame, alpha on white, 16-bit scaled, the same refusals), and
   are never upscaled. They decode scaled down (``fit``): JPEGs at a reduced DCT scale, so a big
   photo never exists at full size; other formats are reduced right after decoding.
-* Bounded: an LRU over the encoded bytes (``max_bytes``); concurrent requests for one key share
-  one generation; at most ``workers`` generations run at once, and their decodes run on the
-  store's decode threads within its pixel budget (:mod:`mmstore.decoding`), so a page of 60
-  thumbnails cannot take every core or the memory from the blob path.
+* Bounded: the project's LRU over the encoded bytes (``max_bytes``,
+  :class:`mmstore_client.cache.LRUCache`); concurrent requests for one key share one generation
+  (:class:`~mmstore_client.cache.AsyncSingleFlight`); at most ``workers`` generations run at
+  once, and their decodes run on the store's decode threads within its pixel budget
+  (:mod:`mmstore.decoding`), so a page of 60 thumbnails cannot take every core or the memory
+  from the blob path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import io
-from collections import OrderedDict
 
 import anyio
 import PIL
 from mmstore_client import decode
+from mmstore_client.cache import AsyncSingleFlight, LRUCache
 from PIL import Image
 
 from .decoding import Decoder
@@ -62,17 +63,26 @@ class ThumbnailCache:
         self.storage = storage
         self.decoder = decoder
         self.limits = {"max_pixels": max_pixels, "max_jpeg_scans": max_jpeg_scans}
-        self.max_bytes = max_bytes
         self.workers = workers
-        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._bytes = 0
-        self._inflight: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        self._cache: LRUCache[tuple[str, int], bytes] = LRUCache(max_bytes, cost=len)
+        self._inflight: AsyncSingleFlight[tuple[str, int], bytes] = AsyncSingleFlight()
         self._limiter: anyio.CapacityLimiter | None = None
-        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
+
+    @property
+    def evictions(self) -> int:
+        return self._cache.evictions
 
     @property
     def cached_bytes(self) -> int:
-        return self._bytes
+        return self._cache.size
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -85,26 +95,13 @@ class ThumbnailCache:
         """
         key = (digest, size)
         thumb = self._cache.get(key)
-        if thumb is not None:
-            self._cache.move_to_end(key)
-            self.hits += 1
-            return thumb
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        self.misses += 1
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            thumb = await self._generate(digest, size, blob_size)
-            future.set_result(thumb)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[key]
-        self._store(key, thumb)
+        if thumb is None:
+            thumb = await self._inflight.run(key, functools.partial(self._make, key, blob_size))
+        return thumb
+
+    async def _make(self, key: tuple[str, int], blob_size: int) -> bytes:
+        thumb = await self._generate(*key, blob_size)
+        self._cache.put(key, thumb)
         return thumb
 
     async def _generate(self, digest: str, size: int, blob_size: int) -> bytes:
@@ -121,13 +118,3 @@ class ThumbnailCache:
             return await self.decoder.run(
                 functools.partial(make_thumbnail, data, size, **self.limits), pixels
             )
-
-    def _store(self, key: tuple[str, int], thumb: bytes) -> None:
-        if len(thumb) > self.max_bytes or key in self._cache:
-            return
-        self._cache[key] = thumb
-        self._bytes += len(thumb)
-        while self._bytes > self.max_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._bytes -= len(old)
-            self.evictions += 1

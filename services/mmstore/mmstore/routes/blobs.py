@@ -7,32 +7,23 @@ import contextlib
 import functools
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from mmstore_client.digest import DigestHasher, is_digest
+from mmstore_client.digest import DigestHasher
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
 
 from ..bodies import json_body, read_body, read_json
-from ..deps import READ, WRITE, RunDep, StorageDep
-from ..errors import InvalidDigestError, NotFoundError, UnsupportedMediaError
+from ..deps import READ, WRITE, DigestDep, RunDep, StorageDep, checked_digest
+from ..errors import NotFoundError, UnsupportedMediaError
 from ..ingest import ingest
 
 router = APIRouter(prefix="/v1", tags=["blobs"])
 
-DigestPath = Annotated[str, Path(description="blake3:<64 lowercase hex> of the raw bytes")]
 _CREATED_OR_EXISTING = {
     200: {"model": BlobInfo, "description": "already stored (now linked to this run too)"},
     201: {"model": BlobInfo, "description": "stored"},
 }
-
-
-def _check_digest(digest: str) -> str:
-    if not is_digest(digest):
-        raise InvalidDigestError(
-            f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>", digest=digest[:100]
-        )
-    return digest
 
 
 async def _upload(request: Request, run: str, expected: str | None, response: Response) -> BlobInfo:
@@ -78,8 +69,8 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
     summary="Upload a blob under its digest (verified) and link it to a run",
     openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}},
 )
-async def put_blob(request: Request, run: RunDep, digest: DigestPath, response: Response) -> BlobInfo:
-    return await _upload(request, run, _check_digest(digest), response)
+async def put_blob(request: Request, run: RunDep, digest: DigestDep, response: Response) -> BlobInfo:
+    return await _upload(request, run, digest, response)
 
 
 @router.post(
@@ -107,7 +98,7 @@ async def post_blob(request: Request, run: RunDep, response: Response) -> BlobIn
 )
 async def get_blob(
     request: Request,
-    digest: DigestPath,
+    digest: DigestDep,
     range: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -135,7 +126,7 @@ async def get_blob(
 )
 async def link_blobs(request: Request, storage: StorageDep, run: RunDep) -> LinkResponse:
     body = await read_json(request, MissingRequest)
-    digests = [_check_digest(d) for d in dict.fromkeys(body.digests)]
+    digests = [checked_digest(d) for d in dict.fromkeys(body.digests)]
 
     def link() -> LinkResponse:
         for d in digests:  # all checked before any is linked: a refused request links nothing
@@ -156,8 +147,8 @@ async def link_blobs(request: Request, storage: StorageDep, run: RunDep) -> Link
 
 
 @router.get("/blobs/{digest}/info", dependencies=[READ], summary="A blob's metadata")
-def blob_info(storage: StorageDep, digest: DigestPath) -> BlobInfo:
-    info = storage.info(_check_digest(digest))
+def blob_info(storage: StorageDep, digest: DigestDep) -> BlobInfo:
+    info = storage.info(digest)
     if info is None:
         raise NotFoundError(f"blob {digest} not found", digest=digest)
     return info
@@ -172,5 +163,5 @@ def blob_info(storage: StorageDep, digest: DigestPath) -> BlobInfo:
 async def missing(request: Request, storage: StorageDep) -> MissingResponse:
     body = await read_json(request, MissingRequest)
     for d in body.digests:
-        _check_digest(d)
+        checked_digest(d)
     return MissingResponse(missing=await run_in_threadpool(storage.missing, body.digests))

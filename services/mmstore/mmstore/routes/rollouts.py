@@ -22,22 +22,20 @@ worker's ``rollout_id`` is shown, not indexed: documents are addressed by digest
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from mmstore_client.digest import compute_digest, is_digest
+from mmstore_client.cache import LRUCache
+from mmstore_client.digest import compute_digest
 from mmstore_client.models import BlobInfo
 from mmstore_client.rollouts import ROLLOUTS_SUFFIX, RolloutDoc, RolloutInfo, RolloutPage, summarize
 from pydantic import ValidationError
 
 from ..bodies import read_body
-from ..deps import READ, WRITE, RunDep
+from ..deps import READ, WRITE, DigestDep, RunDep
 from ..errors import (
     DigestMismatchError,
-    InvalidDigestError,
     InvalidRequestError,
     InvalidRunError,
     NotFoundError,
@@ -64,37 +62,15 @@ def companion_run(run: str) -> str:
     return name
 
 
-def _check_digest(digest: str) -> str:
-    if not is_digest(digest):
-        raise InvalidDigestError(
-            f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>", digest=digest[:100]
-        )
-    return digest
-
-
 class RolloutDocs:
     """Rollout documents over a :class:`Storage`; parsed summaries cached by digest (immutable)."""
 
     def __init__(self, storage: Storage, cache_entries: int = 4096) -> None:
         self.storage = storage
-        self._summaries: OrderedDict[str, RolloutInfo] = OrderedDict()
-        self._cache_entries = cache_entries
-        self._lock = threading.Lock()  # sync routes run in a thread pool
-
-    @classmethod
-    def of(cls, request: Request) -> RolloutDocs:
-        """The app's instance, made on first use (``create_app`` stays untouched)."""
-        state = request.app.state
-        docs = getattr(state, "rollout_docs", None)
-        if docs is None:
-            docs = state.rollout_docs = cls(state.storage)
-        return docs
+        self._summaries: LRUCache[str, RolloutInfo] = LRUCache(cache_entries)  # shared by threads
 
     def _remember(self, info: RolloutInfo) -> RolloutInfo:
-        with self._lock:
-            self._summaries[info.digest] = info
-            if len(self._summaries) > self._cache_entries:
-                self._summaries.popitem(last=False)
+        self._summaries.put(info.digest, info)
         return info
 
     def put(self, run: str, data: bytes, expected: str | None) -> tuple[RolloutInfo, bool]:
@@ -163,7 +139,7 @@ _JSON_BODY = {
 async def _upload(request: Request, run: str, expected: str | None, response: Response) -> RolloutInfo:
     limit = min(MAX_ROLLOUT_BYTES, request.app.state.settings.max_upload_bytes)
     data = await read_body(request, limit)
-    info, created = await run_in_threadpool(RolloutDocs.of(request).put, run, data, expected)
+    info, created = await run_in_threadpool(request.app.state.rollout_docs.put, run, data, expected)
     response.status_code = 201 if created else 200
     return info
 
@@ -178,10 +154,10 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
 async def put_rollout(
     request: Request,
     run: RunDep,
-    digest: Annotated[str, Path(description="blake3 of the document's bytes")],
+    digest: DigestDep,
     response: Response,
 ) -> RolloutInfo:
-    return await _upload(request, run, _check_digest(digest), response)
+    return await _upload(request, run, digest, response)
 
 
 @router.post(
@@ -202,7 +178,7 @@ def list_rollouts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> RolloutPage:
-    page = RolloutDocs.of(request).page(run, limit=limit, cursor=cursor)
+    page = request.app.state.rollout_docs.page(run, limit=limit, cursor=cursor)
     if page is None:
         raise NotFoundError(f"run {run!r} not found", run=run)
     return page
@@ -214,9 +190,7 @@ def list_rollouts(
     summary="A rollout document, as uploaded",
     responses={200: {"content": {JSON_MIME: {}}, "description": "a RolloutDoc, byte for byte"}},
 )
-def get_rollout(
-    request: Request, digest: Annotated[str, Path(description="the document's digest")]
-) -> Response:
-    data = RolloutDocs.of(request).read(_check_digest(digest))
+def get_rollout(request: Request, digest: DigestDep) -> Response:
+    data = request.app.state.rollout_docs.read(digest)
     headers = {"etag": f'"{digest}"', "cache-control": "public, max-age=31536000, immutable"}
     return Response(data, media_type=JSON_MIME, headers=headers)

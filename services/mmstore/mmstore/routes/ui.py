@@ -15,7 +15,6 @@ Knobs (until they join ``Settings``): ``MMSTORE_UI_THUMB_CACHE_BYTES``,
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +26,27 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from mmstore_client import decode
-from mmstore_client.digest import is_digest
+from mmstore_client.prometheus import Counts
 from mmstore_client.rollouts import ROLLOUTS_SUFFIX, RolloutDoc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .. import __version__
 from ..bodies import read_body
+from ..decoding import Decoder
+from ..deps import checked_digest, valid_run
 from ..errors import (
     ApiError,
     ForbiddenError,
-    InvalidDigestError,
     NotFoundError,
     UnauthorizedError,
     UnsupportedMediaError,
     from_image_error,
 )
-from ..metrics import CountOf
-from ..storage.base import RUN_RE
+from ..metrics import StoreMetrics
+from ..settings import Settings
+from ..storage.base import Storage
 from ..thumbnails import MIME, SIZES, VERSION, ThumbnailCache
-from . import rollouts
 
 COOKIE = "mmstore_token"
 _UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -69,44 +69,37 @@ class ViewerSettings(BaseSettings):
     page_size: int = Field(60, ge=1, le=500, description="blobs or rollouts per page")
 
 
-_VIEWER_MADE = threading.Lock()
-
-
 @dataclass
 class Viewer:
+    """The viewer's state, made once by ``create_app`` (``app.state.viewer``)."""
+
     settings: ViewerSettings
     thumbnails: ThumbnailCache
 
     @classmethod
-    def of(cls, request: Request) -> Viewer:
-        """The app's viewer state, made on first use (``create_app`` stays untouched)."""
-        state = request.app.state
-        viewer = getattr(state, "viewer", None)
-        if viewer is not None:
-            return viewer
-        with _VIEWER_MADE:  # pages run in threads: one viewer, its counters registered once
-            viewer = getattr(state, "viewer", None)
-            if viewer is not None:
-                return viewer
-            settings = ViewerSettings()
-            thumbs = ThumbnailCache(
-                state.storage,
-                state.decoder,
-                max_bytes=settings.thumb_cache_bytes,
-                workers=settings.thumb_workers,
-                max_pixels=state.settings.max_image_pixels,
-                max_jpeg_scans=state.settings.max_jpeg_scans,
-            )
-            viewer = state.viewer = cls(settings, thumbs)
-            for what in ("hits", "misses", "evictions"):  # exported from the viewer's first use
-                state.metrics.registry.register(
-                    CountOf(
-                        f"mmstore_ui_thumbnail_cache_{what}",
+    def create(cls, store: Settings, storage: Storage, decoder: Decoder, metrics: StoreMetrics) -> Viewer:
+        """The viewer over the store's storage and decoder; its thumbnail counters join ``metrics``."""
+        settings = ViewerSettings()
+        thumbs = ThumbnailCache(
+            storage,
+            decoder,
+            max_bytes=settings.thumb_cache_bytes,
+            workers=settings.thumb_workers,
+            max_pixels=store.max_image_pixels,
+            max_jpeg_scans=store.max_jpeg_scans,
+        )
+        metrics.registry.register(
+            Counts(
+                {
+                    f"mmstore_ui_thumbnail_cache_{what}": (
                         f"thumbnail cache {what}",
                         lambda what=what: getattr(thumbs, what),
                     )
-                )
-        return viewer
+                    for what in ("hits", "misses", "evictions")
+                }
+            )
+        )
+        return cls(settings, thumbs)
 
 
 # -- templates ------------------------------------------------------------------------------
@@ -189,32 +182,20 @@ def _safe_next(url: str | None) -> str:
     return url if url and url.startswith("/ui") and not url.startswith("//") else "/ui"
 
 
-def _check_run(run: str) -> str:
-    if not RUN_RE.fullmatch(run):
-        raise NotFoundError(f"run {run[:140]!r} not found")
-    return run
+router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _check_digest(digest: str) -> str:
-    if not is_digest(digest):
-        raise InvalidDigestError(f"invalid digest {digest[:100]!r}: expected blake3:<64 lowercase hex>")
-    return digest
-
-
-pages = APIRouter(prefix="/ui", include_in_schema=False)
-
-
-@pages.get("/static/style.css")
+@router.get("/static/style.css")
 def stylesheet() -> Response:
     return Response(_CSS, media_type="text/css", headers={"cache-control": "public, max-age=3600"})
 
 
-@pages.get("/login")
+@router.get("/login")
 def login_form(request: Request, next: str | None = None) -> HTMLResponse:
     return render(request, "login.html", message=None, next=_safe_next(next))
 
 
-@pages.post("/login")
+@router.post("/login")
 async def login(request: Request) -> Response:
     body = await read_body(request, request.app.state.settings.max_json_bytes)
     form = parse_qs(body.decode("utf-8", "replace"))
@@ -230,14 +211,14 @@ async def login(request: Request) -> Response:
     return response
 
 
-@pages.post("/logout")
+@router.post("/logout")
 def logout() -> Response:
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response
 
 
-@pages.get("")
+@router.get("")
 @html_page
 def runs_page(request: Request) -> HTMLResponse:
     all_runs = request.app.state.storage.runs()
@@ -247,7 +228,7 @@ def runs_page(request: Request) -> HTMLResponse:
     return render(request, "runs.html", runs=runs, rollouts=companions, orphans=orphans, now=time.time())
 
 
-@pages.get("/runs/{run}")
+@router.get("/runs/{run}")
 @html_page
 def run_page(
     request: Request,
@@ -257,8 +238,8 @@ def run_page(
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
 ) -> HTMLResponse:
     storage = request.app.state.storage
-    limit = limit or Viewer.of(request).settings.page_size
-    info = storage.run(_check_run(run))
+    limit = limit or request.app.state.viewer.settings.page_size
+    info = storage.run(valid_run(run))
     blobs = storage.run_blobs(run, limit=limit, cursor=cursor) if info else None
     if info is None or blobs is None:
         raise NotFoundError(f"run {run!r} not found")
@@ -278,7 +259,7 @@ def run_page(
     )
 
 
-@pages.get("/runs/{run}/rollouts")
+@router.get("/runs/{run}/rollouts")
 @html_page
 def rollouts_page(
     request: Request,
@@ -287,8 +268,8 @@ def rollouts_page(
     page: Annotated[int, Query(ge=1)] = 1,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
 ) -> HTMLResponse:
-    limit = limit or Viewer.of(request).settings.page_size
-    result = rollouts.RolloutDocs.of(request).page(_check_run(run), limit=limit, cursor=cursor)
+    limit = limit or request.app.state.viewer.settings.page_size
+    result = request.app.state.rollout_docs.page(valid_run(run), limit=limit, cursor=cursor)
     if result is None:
         raise NotFoundError(f"run {run!r} has no rollouts")
     items = sorted(result.rollouts, key=lambda r: (r.step is None, r.step or 0, r.rollout_id))
@@ -318,15 +299,16 @@ def _parts(prompt: str, images) -> list[_Part]:
     return [*parts, _Part(text=prompt[at:])]
 
 
-@pages.get("/runs/{run}/rollouts/{digest}")
+@router.get("/runs/{run}/rollouts/{digest}")
 @html_page
 def rollout_page(request: Request, run: str, digest: str) -> HTMLResponse:
-    doc: RolloutDoc = rollouts.RolloutDocs.of(request).get(_check_digest(digest))
+    valid_run(run)
+    doc: RolloutDoc = request.app.state.rollout_docs.get(checked_digest(digest))
     turns = [(turn, _parts(turn.prompt, turn.images)) for turn in doc.turns]
     return render(
         request,
         "rollout.html",
-        run=_check_run(run),
+        run=run,
         digest=digest,
         doc=doc,
         turns=turns,
@@ -337,13 +319,13 @@ def rollout_page(request: Request, run: str, digest: str) -> HTMLResponse:
 
 
 # -- images ---------------------------------------------------------------------------------
-@pages.get("/thumbs/{digest}")
+@router.get("/thumbs/{digest}")
 async def thumbnail(request: Request, digest: str, size: Annotated[int, Query()] = 256) -> Response:
     """A thumbnail (WebP) of an image blob, fitting in ``size`` x ``size`` (128, 256 or 512)."""
     authorize(request)
     if size not in SIZES:
         raise NotFoundError(f"thumbnail size {size} is not served: use one of {', '.join(map(str, SIZES))}")
-    info = await run_in_threadpool(request.app.state.storage.info, _check_digest(digest))
+    info = await run_in_threadpool(request.app.state.storage.info, checked_digest(digest))
     if info is None:
         raise NotFoundError(f"blob {digest} not found", digest=digest)
     if not info.mime.startswith("image/"):
@@ -353,7 +335,7 @@ async def thumbnail(request: Request, digest: str, size: Annotated[int, Query()]
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     try:
-        thumb = await Viewer.of(request).thumbnails.get(digest, size, info.size)
+        thumb = await request.app.state.viewer.thumbnails.get(digest, size, info.size)
     except FileNotFoundError:
         raise NotFoundError(f"blob {digest} not found", digest=digest) from None
     except decode.ImageError as exc:
@@ -361,7 +343,7 @@ async def thumbnail(request: Request, digest: str, size: Annotated[int, Query()]
     return Response(thumb, media_type=MIME, headers=headers)
 
 
-@pages.get("/blobs/{digest}")
+@router.get("/blobs/{digest}")
 async def original(request: Request, digest: str) -> Response:
     """The blob's bytes as stored (what a thumbnail links to), cookie auth included."""
     authorize(request)
@@ -378,9 +360,3 @@ async def original(request: Request, digest: str) -> Response:
     if stream is not None:
         return StreamingResponse(stream, status_code=reply.status, headers=headers)
     return Response(reply.body, status_code=reply.status, headers=headers)
-
-
-# One router for app.py: the rollout-metadata API (/v1, in the OpenAPI schema) and the pages.
-router = APIRouter()
-router.include_router(rollouts.router)
-router.include_router(pages)

@@ -12,16 +12,12 @@ bucket, shared by any number of replicas); :func:`mmstore.storage.open_storage` 
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
-
-# matched with fullmatch: ``$`` would also match before a trailing newline
-RUN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 Check = Callable[[], object]  # raises if the bytes must not be kept (see Storage.put)
 

@@ -44,7 +44,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -52,6 +51,7 @@ from typing import Any, ClassVar
 
 import obstore
 from mmstore_client import decode
+from mmstore_client.cache import LRUCache
 from mmstore_client.digest import DigestHasher, digest_hex
 from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, RunInfo
 from obstore.exceptions import AlreadyExistsError
@@ -128,7 +128,8 @@ class S3Storage(Storage):
         self.guards = Guards(self.store)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._counters: OrderedDict[str, tuple[RunCounter, str]] = OrderedDict()  # run -> (last seen, ETag)
+        # run -> (counter last seen, its ETag): a hint for one-request updates, replaced as it changes
+        self._counters: LRUCache[str, tuple[RunCounter, str]] = LRUCache(_COUNTERS_CACHED)
         self._counts = GroupCommit(self._add_counts)  # new links' counts, one update per batch
 
     # -- plumbing -----------------------------------------------------------------------
@@ -210,18 +211,11 @@ class S3Storage(Storage):
         try:
             result = obstore.get(self.store, run_key(run))
         except FileNotFoundError:
-            self._counters.pop(run, None)
+            self._counters.discard(run)
             return None
         current = RunCounter.decode(bytes(result.bytes())), result.meta["e_tag"]
-        self._remember_counter(run, current)
+        self._counters.replace(run, current)
         return current
-
-    def _remember_counter(self, run: str, current: tuple[RunCounter, str]) -> None:
-        with self._pool_lock:
-            self._counters[run] = current
-            self._counters.move_to_end(run)
-            if len(self._counters) > _COUNTERS_CACHED:
-                self._counters.popitem(last=False)
 
     def _update_counter(self, run: str, change: Callable[[RunCounter], RunCounter | None]) -> None:
         """Compare-and-swap ``runs/<run>.json`` (created when absent); ``change`` None: leave it.
@@ -244,7 +238,7 @@ class S3Storage(Storage):
                 if attempt > 0:
                     backoff(attempt)
                 continue
-            self._remember_counter(run, (new, put["e_tag"]))
+            self._counters.replace(run, (new, put["e_tag"]))
             return
         raise StorageBusyError(f"run {run!r}: too many concurrent updates of its counter; retry", run=run)
 
@@ -449,7 +443,7 @@ class S3Storage(Storage):
         for i in range(0, len(refs), 1000):
             obstore.delete(self.store, refs[i : i + 1000])
         obstore.delete(self.store, run_key(run))
-        self._counters.pop(run, None)
+        self._counters.discard(run)
         if len(hexes) > _REFS_BY_LISTING:
             referenced = {m["path"].split("/")[1] for m in self._list(REFS)}
             orphans = [h for h in hexes if h not in referenced]

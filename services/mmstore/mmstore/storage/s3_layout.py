@@ -15,9 +15,9 @@
     runs/<run>.json              the run's blob count, bytes and times (updated by compare-and-swap)
     quarantine/<hex>             blobs fsck found corrupt
 
-Run ids never contain ``/`` (RUN_RE), so ``links/<run>/`` and ``refs/<hex>/`` prefixes never
-overlap between runs. Hex digests sort like the ``blake3:<hex>`` digests, so listing
-``links/<run>/`` is the run's blobs in digest order.
+Run ids never contain ``/`` (``mmstore_client.digest.RUN_ID_PATTERN``), so ``links/<run>/`` and
+``refs/<hex>/`` prefixes never overlap between runs. Hex digests sort like the ``blake3:<hex>``
+digests, so listing ``links/<run>/`` is the run's blobs in digest order.
 """
 
 from __future__ import annotations
