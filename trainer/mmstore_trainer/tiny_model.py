@@ -58,7 +58,7 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer():
+def _build_tokenizer(chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -82,7 +82,7 @@ def _build_tokenizer():
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -119,14 +119,14 @@ def _save_common(model, tok, processor, out: Path) -> None:
     tok.save_pretrained(out)  # keeps the template in tokenizer_config.json for AutoTokenizer
 
 
-def _build_into(out: Path, family: str) -> Path:
+def _build_into(out: Path, family: str, chat_template: str = CHAT_TEMPLATE) -> Path:
     import torch
     from transformers.models import qwen2_vl, qwen3_vl
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     torch.manual_seed(SEED)
-    tok = _build_tokenizer()
+    tok = _build_tokenizer(chat_template)
     ids = _ids(tok)
     token_ids = {
         "image_token_id": ids["<|image_pad|>"],
@@ -165,13 +165,13 @@ def _build_into(out: Path, family: str) -> Path:
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     _save_common(model.to(torch.float32), tok, processor, out)
     return out
 
 
-def _build_atomic(path: Path, family: str, replace: bool = True) -> Path:
+def _build_atomic(path: Path, family: str, replace: bool = True, chat_template: str = CHAT_TEMPLATE) -> Path:
     """Build into a temp folder beside ``path``, then rename it into place (never half-built).
 
     With ``replace=False`` a folder that appeared meanwhile (a concurrent build) is kept.
@@ -180,7 +180,7 @@ def _build_atomic(path: Path, family: str, replace: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _build_into(tmp, family)
+        _build_into(tmp, family, chat_template)
         tmp.chmod(0o755)  # mkdtemp makes it 0700, safetensors writes 0600
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -220,11 +220,15 @@ def build_tiny_qwen3_vl(path: Path) -> Path:
     return _build_atomic(path, "qwen3_vl")
 
 
-def ensure_tiny_model(path: Path, family: str = "qwen2_vl") -> Path:
-    """Return ``path``, building the tiny ``family`` model there first if it is absent."""
+def ensure_tiny_model(path: Path, family: str = "qwen2_vl", chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Return ``path``, building the tiny ``family`` model there first if it is absent.
+
+    ``chat_template`` replaces the Qwen2-VL one (e.g. a real model's template with tool calls or
+    thinking, which the tests keep as data files); ``path`` should name it, since an existing
+    folder is returned as it is."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
     if family not in ("qwen2_vl", "qwen3_vl"):
         raise ValueError(f"unknown family {family!r}; expected 'qwen2_vl' or 'qwen3_vl'")
-    return _build_atomic(path, family, replace=False)
+    return _build_atomic(path, family, replace=False, chat_template=chat_template)

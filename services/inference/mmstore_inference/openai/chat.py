@@ -34,6 +34,7 @@ Deliberate differences from OpenAI and vLLM's server:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -45,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from mmstore_client import AsyncStoreClient
+from mmstore_client.chat_formats import ParsedCompletion, chat_format
 from mmstore_client.inference import GenerateRequest, GenerateResponse, SamplingOptions
 from mmstore_client.offload import OffloadPolicy
 from mmstore_client.render import Renderer
@@ -55,7 +57,7 @@ from ..service import GenerateService
 from ..settings import InferenceSettings
 from . import sse
 from .decoding import CompletionDecoder, DecodedChoice
-from .errors import ChatError, to_chat_error, validation_error
+from .errors import ChatError, to_chat_error, unsupported, validation_error
 from .prompt import Prompt, PromptBuilder
 from .sampling import sampling_for
 from .schemas import (
@@ -63,6 +65,7 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    ChoiceInfo,
     ChoiceLogprobs,
     MmstoreInfo,
     RenderInfo,
@@ -98,6 +101,11 @@ class OpenAIChat:
         policy = OffloadPolicy(fetch_http=settings.offload_fetch_http, check_size=self.layout.place)
         self.prompts = PromptBuilder(renderer, service.fetcher, writer or service.fetcher.store, policy)
         self.decoder = CompletionDecoder(renderer.tokenizer)
+        config = json.loads((settings.model / "config.json").read_text())
+        self.model_type: str = config.get("model_type", self.layout.family)
+        self.chat_format = chat_format(self.model_type)
+        # templates that think write <think> ... </think>; their reasoning is split off every completion
+        self.thinking = "<think>" in (renderer.tokenizer.chat_template or "")
         r = service.metrics.registry
         name = "mmstore_inference_openai_"
         self.requests = Counter(
@@ -197,6 +205,10 @@ class OpenAIChat:
             message = f"the model {body.model!r} is not served here; use {self.model_id!r}"
             raise ModelNotFound(message, param="model")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.parses_tool_calls and self.chat_format is None:
+            raise unsupported(
+                "tools", f"no tool-call format is known for model type {self.model_type!r} (see the README)"
+            )
         messages = [m.template_message() for m in body.messages]
         run = body.mmstore.run or self.settings.offload_run
         prompt = await self.prompts.build(body, messages, run)
@@ -209,6 +221,7 @@ class OpenAIChat:
         choices = await self.prompts.on_tokenizer_thread(
             self.decoder.choices, result.samples, sampling.text_stops, sampling.stop_ids, body.stream
         )
+        parsed = await self.prompts.on_tokenizer_thread(self._parse, choices, ids, body)
         completion_tokens = sum(len(c.ids) for c in choices)
         usage = Usage(
             prompt_tokens=len(ids),
@@ -239,7 +252,13 @@ class OpenAIChat:
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
             events = sse.chunks(
-                head, choices, logprobs, usage if with_usage else None, result.prompt_token_ids, mmstore
+                head,
+                choices,
+                parsed,
+                logprobs,
+                usage if with_usage else None,
+                result.prompt_token_ids,
+                mmstore,
             )
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -247,13 +266,18 @@ class OpenAIChat:
         choice_list = [
             Choice(
                 index=c.index,
-                message=AssistantMessage(content=c.text),
+                message=AssistantMessage(
+                    content=p.content,
+                    reasoning_content=p.reasoning_content,
+                    tool_calls=[t.openai() for t in p.tool_calls],
+                ),
                 logprobs=lp,
-                finish_reason=c.finish,
+                finish_reason=sse.finish_reason(c, p),
                 stop_reason=c.stop_reason,
                 token_ids=c.ids,
+                mmstore=ChoiceInfo(tool_call_parse_error=p.parse_error) if p.parse_error else None,
             )
-            for c, lp in zip(choices, logprobs, strict=True)
+            for c, p, lp in zip(choices, parsed, logprobs, strict=True)
         ]
         response = ChatCompletion(
             **head,
@@ -263,6 +287,26 @@ class OpenAIChat:
             mmstore=mmstore,
         )
         return Response(response.model_dump_json(), media_type="application/json")
+
+    def _parse(
+        self, choices: list[DecodedChoice], prompt_ids: list[int], body: ChatCompletionRequest
+    ) -> list[ParsedCompletion]:
+        """Each completion's content, reasoning and tool calls (the service's format, per family)."""
+        tools = body.parses_tool_calls
+        if self.chat_format is None or not (tools or self.thinking):
+            return [ParsedCompletion(c.text) for c in choices]
+        # a generation prompt that opened <think> (Qwen3-VL-Thinking's) starts the completion inside it
+        opened = self.thinking and self.decoder.text(prompt_ids[-4:]).rstrip().endswith("<think>")
+        parsed = [
+            self.chat_format.parse(c.text, thinking=self.thinking, opened=opened, tools=tools)
+            for c in choices
+        ]
+        if body.parallel_tool_calls is False:
+            parsed = [
+                ParsedCompletion(p.content, p.reasoning_content, p.tool_calls[:1], p.parse_error)
+                for p in parsed
+            ]
+        return parsed
 
     def _count(self, prompt: Prompt) -> None:
         self.offloaded.inc(len(prompt.offloaded))
