@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -103,9 +104,16 @@ def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str
 @pytest.fixture(scope="session")
 def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
     """One real `mmstore-inference serve` (vLLM CPU, tiny Qwen2-VL) for the session, on the store."""
+    with ready_inference(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def ready_inference(model_dir: Path, store_url: str, log_dir: Path):
+    """An inference process, once its engine is ready; stopped on exit."""
     import httpx
 
-    server = inference_process(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference"))
+    server = inference_process(model_dir, store_url, log_dir)
     try:
         server.start(timeout=300)
         deadline = time.monotonic() + 600
