@@ -202,3 +202,42 @@ def test_refusals_name_the_message_and_part(client, agent_model):
         "messages[1].tool_calls[0].function.arguments",
     )
     assert create(client, model, go).choices  # still serving
+
+
+def test_endpoint_parser_splits_reasoning_after_an_opened_think_and_parses_calls(tiny_qwen3_vl_thinking):
+    """The endpoint's parser on the Qwen3-VL-Thinking template: its generation prompt opens
+    <think>, so a completion is reasoning up to </think>, then content and tool calls (constructed
+    completions: a random model cannot be steered to write them)."""
+    from mmstore_inference.openai.decoding import CompletionDecoder, CompletionParser, DecodedChoice
+
+    renderer = Renderer.from_pretrained(tiny_qwen3_vl_thinking)
+    parser = CompletionParser(CompletionDecoder(renderer.tokenizer), "qwen3_vl")
+    prompt = renderer.render([{"role": "user", "content": "Go."}], {}, tools=TOOLS).token_ids
+    assert parser.thinking and parser.opened(prompt)
+    texts = [
+        'red is left\n</think>\n\n<tool_call>\n{"name": "click", "arguments": {"x": 3, "y": 4}}\n</tool_call>'
+        '\n<tool_call>\n{"name": "screenshot", "arguments": {}}\n</tool_call>',
+        "thinking and cut by max_tokens",
+        'hm\n</think>\n\n<tool_call>\n{"name": "click", "arguments": {"x": 3\n</tool_call>',
+    ]
+    choices = [DecodedChoice(i, [], None, "stop", None, t) for i, t in enumerate(texts)]
+    calls, cut, broken = parser.parse(choices, prompt, tools=True, parallel=None)
+    assert calls.reasoning_content == "red is left" and calls.content is None
+    assert [(c.name, c.arguments) for c in calls.tool_calls] == [
+        ("click", '{"x": 3, "y": 4}'),
+        ("screenshot", "{}"),
+    ]
+    assert (cut.reasoning_content, cut.content, cut.tool_calls) == ("thinking and cut by max_tokens", "", [])
+    assert broken.reasoning_content == "hm" and broken.tool_calls == [] and broken.parse_error
+    assert broken.content.startswith("<tool_call>")
+    (first_only, *_) = parser.parse(choices, prompt, tools=True, parallel=False)
+    assert [c.name for c in first_only.tool_calls] == ["click"]
+    (no_tools, *_) = parser.parse(choices, prompt, tools=False, parallel=None)
+    assert no_tools.reasoning_content == "red is left" and no_tools.content.startswith("<tool_call>")
+    instruct = CompletionParser(
+        CompletionDecoder(Renderer.from_pretrained(tiny_qwen3_vl_thinking).tokenizer), "gemma3"
+    )
+    assert (
+        instruct.format is None
+        and instruct.parse(choices, prompt, tools=True, parallel=None)[0].content == texts[0]
+    )

@@ -46,7 +46,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from mmstore_client import AsyncStoreClient
-from mmstore_client.chat_formats import ParsedCompletion, chat_format
 from mmstore_client.inference import GenerateRequest, GenerateResponse, SamplingOptions
 from mmstore_client.offload import OffloadPolicy
 from mmstore_client.render import Renderer
@@ -56,7 +55,7 @@ from ..errors import InferenceError, ModelNotFound
 from ..service import GenerateService
 from ..settings import InferenceSettings
 from . import sse
-from .decoding import CompletionDecoder, DecodedChoice
+from .decoding import CompletionDecoder, CompletionParser, DecodedChoice
 from .errors import ChatError, to_chat_error, unsupported, validation_error
 from .prompt import Prompt, PromptBuilder
 from .sampling import sampling_for
@@ -102,10 +101,7 @@ class OpenAIChat:
         self.prompts = PromptBuilder(renderer, service.fetcher, writer or service.fetcher.store, policy)
         self.decoder = CompletionDecoder(renderer.tokenizer)
         config = json.loads((settings.model / "config.json").read_text())
-        self.model_type: str = config.get("model_type", self.layout.family)
-        self.chat_format = chat_format(self.model_type)
-        # templates that think write <think> ... </think>; their reasoning is split off every completion
-        self.thinking = "<think>" in (renderer.tokenizer.chat_template or "")
+        self.parser = CompletionParser(self.decoder, config.get("model_type", self.layout.family))
         r = service.metrics.registry
         name = "mmstore_inference_openai_"
         self.requests = Counter(
@@ -205,9 +201,10 @@ class OpenAIChat:
             message = f"the model {body.model!r} is not served here; use {self.model_id!r}"
             raise ModelNotFound(message, param="model")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.parses_tool_calls and self.chat_format is None:
+        if body.parses_tool_calls and self.parser.format is None:
             raise unsupported(
-                "tools", f"no tool-call format is known for model type {self.model_type!r} (see the README)"
+                "tools",
+                f"no tool-call format is known for model type {self.parser.model_type!r} (see the README)",
             )
         messages = [m.template_message() for m in body.messages]
         run = body.mmstore.run or self.settings.offload_run
@@ -221,7 +218,9 @@ class OpenAIChat:
         choices = await self.prompts.on_tokenizer_thread(
             self.decoder.choices, result.samples, sampling.text_stops, sampling.stop_ids, body.stream
         )
-        parsed = await self.prompts.on_tokenizer_thread(self._parse, choices, ids, body)
+        parsed = await self.prompts.on_tokenizer_thread(
+            self.parser.parse, choices, ids, tools=body.parses_tool_calls, parallel=body.parallel_tool_calls
+        )
         completion_tokens = sum(len(c.ids) for c in choices)
         usage = Usage(
             prompt_tokens=len(ids),
@@ -287,26 +286,6 @@ class OpenAIChat:
             mmstore=mmstore,
         )
         return Response(response.model_dump_json(), media_type="application/json")
-
-    def _parse(
-        self, choices: list[DecodedChoice], prompt_ids: list[int], body: ChatCompletionRequest
-    ) -> list[ParsedCompletion]:
-        """Each completion's content, reasoning and tool calls (the service's format, per family)."""
-        tools = body.parses_tool_calls
-        if self.chat_format is None or not (tools or self.thinking):
-            return [ParsedCompletion(c.text) for c in choices]
-        # a generation prompt that opened <think> (Qwen3-VL-Thinking's) starts the completion inside it
-        opened = self.thinking and self.decoder.text(prompt_ids[-4:]).rstrip().endswith("<think>")
-        parsed = [
-            self.chat_format.parse(c.text, thinking=self.thinking, opened=opened, tools=tools)
-            for c in choices
-        ]
-        if body.parallel_tool_calls is False:
-            parsed = [
-                ParsedCompletion(p.content, p.reasoning_content, p.tool_calls[:1], p.parse_error)
-                for p in parsed
-            ]
-        return parsed
 
     def _count(self, prompt: Prompt) -> None:
         self.offloaded.inc(len(prompt.offloaded))
