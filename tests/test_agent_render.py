@@ -158,19 +158,20 @@ def test_thinking_template_dropping_earlier_reasoning_refuses_the_bridge(tiny_qw
     assert "let me see" not in renderer.tokenizer.decode(fresh.token_ids)
 
 
+ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# each shape reaches past 4096 characters, where the processed-payload guard looks at strings
 TOOL_OUTPUT = st.one_of(
-    st.text(max_size=3000),
-    st.lists(st.text(alphabet="abcdefghij/._-0123456789", min_size=1, max_size=40), max_size=200).map(
-        "\n".join
-    ),
-    st.binary(max_size=1500).map(bytes.hex),
-    st.lists(st.floats(allow_nan=False, allow_infinity=False) | st.integers(), max_size=400).map(
-        lambda xs: " ".join(map(str, xs))
-    ),
+    st.text(max_size=9000),
+    st.lists(
+        st.text(alphabet=ALNUM, min_size=1, max_size=12).map("/srv/data/".__add__), min_size=420, max_size=900
+    ).map("\n".join),  # a directory listing
+    st.binary(min_size=2048, max_size=6000).map(bytes.hex),  # a hex dump
+    st.lists(st.integers(0, 10**9), min_size=2100, max_size=3000).map(lambda xs: " ".join(map(str, xs))),
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=200, max_size=800).map(json.dumps),
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=20),
         lambda kids: st.lists(kids, max_size=8) | st.dictionaries(st.text(max_size=8), kids, max_size=8),
-        max_leaves=200,
+        max_leaves=400,
     ).map(json.dumps),
 )
 
@@ -178,13 +179,14 @@ TOOL_OUTPUT = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(output=TOOL_OUTPUT)
 def test_long_tool_outputs_of_every_shape_render(tiny_qwen3_vl_instruct, output):
-    """Tool results are long texts of every shape (listings, hex, numbers, JSON): none may trip the
-    processed-payload guard; the renderer gives HF's ids for them."""
+    """Tool results (and the arguments of the calls that asked for them) are long texts of every
+    shape (listings, hex, numbers, JSON): none may trip the processed-payload guard; the renderer
+    gives HF's ids for them."""
     renderer = _RENDERERS.setdefault(tiny_qwen3_vl_instruct, Renderer.from_pretrained(tiny_qwen3_vl_instruct))
     messages = [
         {"role": "user", "content": "List it."},
-        {"role": "assistant", "content": "", "tool_calls": [call("screenshot")]},
-        {"role": "tool", "tool_call_id": "call_screenshot", "content": [{"type": "text", "text": output}]},
+        {"role": "assistant", "content": "", "tool_calls": [call("type", text=output)]},
+        {"role": "tool", "tool_call_id": "call_type", "content": [{"type": "text", "text": output}]},
     ]
     out = renderer.render(messages, {}, tools=TOOLS)
     text = renderer.tokenizer.apply_chat_template(

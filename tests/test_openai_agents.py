@@ -8,14 +8,16 @@ test_chat_formats.py; here every request with tools is served and its prompt is 
 from __future__ import annotations
 
 import base64
+import json
 
 import openai
 import pytest
 from conftest import ready_inference, tiny_with_template
+from hypothesis import HealthCheck, given, settings
 from mmstore_client import StoreClient
 from mmstore_client.render import Renderer
 from support import FetchingRenderer, image_bytes
-from test_agent_render import TOOLS
+from test_agent_render import TOOL_OUTPUT, TOOLS
 
 RUN = "agents"
 
@@ -78,8 +80,6 @@ def as_refs(messages: list[dict], offloaded: list[str]) -> list[dict]:
 
 def template_calls(message: dict) -> dict:
     """The assistant message as the template gets it (arguments parsed, as the endpoint does)."""
-    import json
-
     calls = [
         {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
         for c in message.get("tool_calls", [])
@@ -241,3 +241,26 @@ def test_endpoint_parser_splits_reasoning_after_an_opened_think_and_parses_calls
         instruct.format is None
         and instruct.parse(choices, prompt, tools=True, parallel=None)[0].content == texts[0]
     )
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(output=TOOL_OUTPUT)
+def test_long_tool_outputs_of_every_shape_are_never_processed_payloads(client, agent_model, output):
+    """Tool outputs of every shape (listings, hex, numbers, JSON) as a tool message's text and as the
+    call's arguments are rendered, never refused as a processed payload. The tiny model's context
+    is 4096 tokens, which the longest outputs exceed: that refusal (``context_length_exceeded``,
+    checked after the render) is the only one allowed."""
+    tool_call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "type", "arguments": json.dumps({"text": output})},
+    }
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Type it."}, screenshot(6)]},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": "c1", "content": output},
+    ]
+    try:
+        assert create(client, agent_model.name, messages, max_tokens=1).choices
+    except openai.BadRequestError as err:
+        assert err.code == "context_length_exceeded", err.message
