@@ -138,6 +138,35 @@ def test_thinking_bridge_through_tool_results_keeps_sampled_reasoning_and_equals
     assert fresh.token_ids == ids
 
 
+def test_instruct_bridge_through_a_sampled_tool_call_equals_fresh_render_and_hf(tiny_qwen3_vl_instruct):
+    """The sampled tool call stays as sampled (even tokenized unlike the tokenizer would), the tool's
+    result with a new screenshot is appended; sampled as the tokenizer encodes it, the bridge equals
+    a fresh render and HF's ids."""
+    images = Images()
+    renderer = FetchingRenderer(Renderer.from_pretrained(tiny_qwen3_vl_instruct), images)
+    user = {"role": "user", "content": [{"type": "text", "text": "Click red."}, img(images.add(64, 48, 1))]}
+    turn1 = renderer.render([user], tools=TOOLS)
+    completion = '<tool_call>\n{"name": "click", "arguments": {"x": 3, "y": 4}}\n</tool_call>'
+    assistant = {"role": "assistant", "content": "", "tool_calls": [call("click", x=3, y=4)]}
+    result = {"role": "tool", "tool_call_id": "call_click", "content": [img(images.add(80, 60, 2))]}
+    tok = renderer.tokenizer
+    oddly = [i for ch in completion for i in tok.encode(ch, add_special_tokens=False)]  # an id per character
+    assert oddly != _sampled(renderer, completion)[:-1] and tok.decode(oddly) == completion
+    for sampled in (_sampled(renderer, completion), [*oddly, renderer.eos_token_id]):
+        after = turn1.extend(sampled, assistant=True)
+        after.messages.append(assistant)
+        turn2 = renderer.bridge(after, [result], tools=TOOLS)
+        assert turn2.token_ids[: len(after.token_ids)] == after.token_ids
+        assert len(turn2.descriptors) == 2
+    fresh = renderer.render([user, assistant, result], tools=TOOLS)
+    assert turn2.token_ids != fresh.token_ids  # the oddly tokenized call was kept as sampled
+    first = turn1.extend(_sampled(renderer, completion), assistant=True)
+    first.messages.append(assistant)
+    assert renderer.bridge(first, [result], tools=TOOLS).token_ids == fresh.token_ids
+    ids, _ = hf_reference(tiny_qwen3_vl_instruct, [user, assistant, result], images, tools=TOOLS)
+    assert fresh.token_ids == ids
+
+
 def test_thinking_template_dropping_earlier_reasoning_refuses_the_bridge(tiny_qwen3_vl_thinking):
     """A new user turn makes the Thinking template drop earlier turns' reasoning: a fresh render no
     longer starts with the sampled ids, so the bridge refuses (``bridge_failed``) instead of
