@@ -100,3 +100,47 @@ def test_parsing_never_raises(text):
             parsed = fmt.parse(text, thinking=thinking, opened=thinking, tools=True)
             for c in parsed.tool_calls:
                 assert isinstance(json.loads(c.arguments), dict)
+
+
+def test_streamed_events_of_a_parsed_completion_end_with_its_calls():
+    """Streaming: token chunks keep ids with empty text; reasoning, content and the tool calls
+    (with their index) come whole in the last chunk, finish_reason tool_calls."""
+    import asyncio
+
+    from mmstore_inference.openai import sse
+    from mmstore_inference.openai.decoding import DecodedChoice
+    from mmstore_inference.openai.schemas import MmstoreInfo, RenderInfo
+
+    text = 'look\n</think>\n\n<tool_call>\n{"name": "click", "arguments": {"x": 1, "y": 2}}\n</tool_call>'
+    parsed = HERMES.parse(text, thinking=True, opened=True, tools=True)
+    choice = DecodedChoice(0, [5, 6, 7], None, "stop", 2, text, deltas=["look", "\n</think>\n\n", text[18:]])
+    info = MmstoreInfo(
+        family="qwen3_vl",
+        fingerprint="f",
+        descriptors=[],
+        image_spans=[],
+        render=RenderInfo(mode="render", previous_tokens=None, extends_previous=None),
+        run=None,
+        offloaded=[],
+        timings={},
+    )
+
+    async def events() -> list[dict]:
+        out = []
+        async for e in sse.chunks({"id": "x"}, [choice], [parsed], [None], None, [1, 2], info):
+            if e.strip() != "data: [DONE]":
+                out.append(json.loads(e.removeprefix("data: ")))
+        return out
+
+    chunks = asyncio.run(events())
+    token_chunks = [c for c in chunks[1:] if c["choices"][0]["token_ids"]]
+    assert [c["choices"][0]["token_ids"] for c in token_chunks] == [[5], [6], [7]]
+    assert all(c["choices"][0]["delta"] == {"content": ""} for c in token_chunks)
+    (last,) = chunks[-1]["choices"]
+    assert last["finish_reason"] == "tool_calls"
+    assert last["delta"]["reasoning_content"] == "look" and last["delta"]["content"] is None
+    (tool_call,) = last["delta"]["tool_calls"]
+    assert tool_call["index"] == 0 and tool_call["function"] == {
+        "name": "click",
+        "arguments": '{"x": 1, "y": 2}',
+    }
