@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,32 @@ def tiny_qwen3_vl() -> Path:
     return ensure_tiny_model(TINY_CACHE / "qwen3_vl", "qwen3_vl")
 
 
+CHAT_TEMPLATES = Path(__file__).resolve().parent / "data" / "chat_templates"
+
+
+def tiny_with_template(family: str, template: str) -> Path:
+    """A tiny ``family`` checkpoint carrying a real model's chat template (tests/data/chat_templates)."""
+    import hashlib
+
+    from mmstore_trainer.tiny_model import ensure_tiny_model
+
+    text = (CHAT_TEMPLATES / f"{template}.jinja").read_text()
+    tag = hashlib.sha256(text.encode()).hexdigest()[:8]  # an edited template builds a new folder
+    return ensure_tiny_model(TINY_CACHE / f"{family}-{template}-{tag}", family, chat_template=text)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_instruct() -> Path:
+    """Tiny Qwen3-VL with the Qwen3-VL-Instruct chat template (tools, tool calls, tool images)."""
+    return tiny_with_template("qwen3_vl", "qwen3_vl_instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_thinking() -> Path:
+    """Tiny Qwen3-VL with the Qwen3-VL-Thinking chat template (<think> opened by the prompt)."""
+    return tiny_with_template("qwen3_vl", "qwen3_vl_thinking")
+
+
 def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str) -> ServerProcess:
     from support import VENV_BIN, free_port
 
@@ -77,9 +104,16 @@ def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str
 @pytest.fixture(scope="session")
 def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
     """One real `mmstore-inference serve` (vLLM CPU, tiny Qwen2-VL) for the session, on the store."""
+    with ready_inference(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def ready_inference(model_dir: Path, store_url: str, log_dir: Path):
+    """An inference process, once its engine is ready; stopped on exit."""
     import httpx
 
-    server = inference_process(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference"))
+    server = inference_process(model_dir, store_url, log_dir)
     try:
         server.start(timeout=300)
         deadline = time.monotonic() + 600

@@ -24,8 +24,9 @@ def img(ref: str) -> dict:
     return {"type": "image_url", "image_url": {"url": ref}}
 
 
-def hf_reference(model_dir, messages, images: Images):
-    """What HF's processor produces from the decoded images (the oracle)."""
+def hf_reference(model_dir, messages, images: Images, **template_options):
+    """What HF's processor produces from the decoded images (the oracle); ``template_options``
+    (``tools=``, ``add_vision_id=``, ...) go to ``apply_chat_template``."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
@@ -35,7 +36,9 @@ def hf_reference(model_dir, messages, images: Images):
         else m
         for m in messages
     ]
-    text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        hf_messages, tokenize=False, add_generation_prompt=True, **template_options
+    )
     refs = [
         p["image_url"]["url"]
         for m in messages

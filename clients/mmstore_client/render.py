@@ -375,7 +375,12 @@ class Renderer:
         before = self._template(history, False, options)
         cut = before.rfind(self.eos_token)
         if cut < 0 or not full.startswith(before[:cut]):
-            raise RenderError("the chat template does not extend the previous turn's text", "bridge_failed")
+            raise RenderError(
+                "the chat template does not extend the previous turn's text (templates that drop earlier "
+                "reasoning, as Qwen3's thinking ones on a new user message, do this): render from scratch "
+                "instead (the endpoint: mmstore.bridge=false)",
+                "bridge_failed",
+            )
         ended = bool(previous.token_ids) and previous.token_ids[-1] == self.eos_token_id
         suffix = full[cut + len(self.eos_token) if ended else cut :]
         new_descriptors = self._describe_all(image_refs(new_messages), headers)

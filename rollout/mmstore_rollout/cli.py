@@ -69,11 +69,21 @@ def run(
     workers: Annotated[int, typer.Option(help="concurrent rollout workers")] = 3,
     max_tokens: Annotated[int, typer.Option(help="tokens per completion")] = 8,
     train_steps: Annotated[int, typer.Option(help="trainer steps")] = 3,
+    env: Annotated[
+        str,
+        typer.Option(
+            help="environment: shapes (count shapes) or click (click the red shape with a tool call)",
+            envvar="MMSTORE_SMOKE_ENV",
+        ),
+    ] = "shapes",
 ) -> None:
     """Run the loop end to end and print the summary; exit 1 if an invariant is broken."""
+    from .env import ENVS
     from .smoke import SmokeConfig, SmokeFailed, console, print_summary, run_smoke
     from .stack import ServiceFailed
 
+    if env not in ENVS:
+        raise typer.BadParameter(f"--env must be one of {', '.join(ENVS)}")
     if inference and (replicas > 1 or inference_replica):
         raise typer.BadParameter("give either --inference or --replicas / --inference-replica, not both")
     if inference_replica and replicas > 1:
@@ -99,6 +109,7 @@ def run(
         workers=workers,
         max_tokens=max_tokens,
         train_steps=train_steps,
+        env=env,
     )
     try:
         summary = run_smoke(cfg)

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .balancer import log_length, log_stats, upstream_key
+from .env import ENVS
 from .plots import write_plots
 from .stack import Service, Stack
 from .stats import (
@@ -73,6 +74,7 @@ class SmokeConfig:
     temperature: float = 1.0
     train_steps: int = 3
     run: str = "smoke"
+    env: str = "shapes"  # the environment (env.ENVS): shapes, or click (a tool-using agent)
     ready_timeout: float = 420.0
 
 
@@ -197,6 +199,7 @@ async def _rollouts(
             sampling,
             affinity=cfg.affinity,
             max_model_len=cfg.max_model_len,
+            env=ENVS[cfg.env],
         )
         task = progress.add_task("rollout groups", total=cfg.groups)
         gate = asyncio.Semaphore(cfg.workers)

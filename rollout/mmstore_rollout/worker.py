@@ -24,7 +24,7 @@ from mmstore_client.rollouts import RolloutDoc, aput_rollout, rollout_turns
 from .env import ShapesEnv
 from .stats import LoopStats
 
-SYSTEM = {"role": "system", "content": "You count shapes in pictures. Answer with one number."}
+SYSTEM = ShapesEnv.system
 
 
 @dataclass
@@ -52,7 +52,9 @@ class RolloutWorker:
         upload_rollouts: bool = True,
         affinity: bool = True,
         max_model_len: int | None = None,
+        env: type = ShapesEnv,
     ) -> None:
+        self.env = env  # the environment class: ShapesEnv, ClickEnv (tools), ...
         # the inference context limit: a turn whose prompt plus max_tokens would not fit ends
         # its trajectory at the last complete turn (never a cut through an image), counted
         self.max_model_len = max_model_len
@@ -73,12 +75,14 @@ class RolloutWorker:
         self.stats.images += 1
         return out
 
-    async def _render(self, messages: list[dict], previous: Rendered | None = None) -> Rendered:
+    async def _render(
+        self, messages: list[dict], previous: Rendered | None = None, tools: list[dict] | None = None
+    ) -> Rendered:
         """Fetch the new images' headers here, then render (or bridge) off the event loop."""
         headers = await self.store.image_headers(image_refs(messages))
         if previous is None:
-            return await asyncio.to_thread(self.renderer.render, messages, headers)
-        return await asyncio.to_thread(self.renderer.bridge, previous, messages, headers)
+            return await asyncio.to_thread(self.renderer.render, messages, headers, tools=tools)
+        return await asyncio.to_thread(self.renderer.bridge, previous, messages, headers, tools=tools)
 
     def affinity_key(self, seed: int) -> str | None:
         return f"{self.run}/seed{seed}" if self.affinity else None
@@ -114,7 +118,7 @@ class RolloutWorker:
         self.fetch_s.append(response.timings.fetch_s)
         return response
 
-    def _advance(self, traj: Trajectory, completion, env: ShapesEnv, k: int) -> None:
+    def _advance(self, traj: Trajectory, completion, env, k: int) -> None:
         text = self.renderer.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         prompt_start, completion_start = traj.marks[-1][2] if traj.marks else 0, len(traj.rendered.token_ids)
         traj.rendered = traj.rendered.extend(completion.token_ids, assistant=True)
@@ -127,9 +131,9 @@ class RolloutWorker:
         traj.turn_rewards.append(reward)
 
     async def rollout_group(self, seed: int, turns: int, n: int) -> list[Sample]:
-        env = ShapesEnv(seed, turns)
-        first = await self._offload(env.message(env.turn(0)))
-        rendered = await self._render([SYSTEM, first])
+        env = self.env(seed, turns, self.renderer.layout.family)
+        first = await self._offload(env.message(env.turn(0), 0))
+        rendered = await self._render([env.system, first], tools=env.tools)
         key = self.affinity_key(seed)  # every turn and sample of the group: one replica's caches
         response = await self._generate(rendered, n, key)
         trajectories = []
@@ -139,11 +143,11 @@ class RolloutWorker:
             trajectories.append(traj)
         self.stats.turns += len(trajectories)
         for k in range(1, turns):
-            message = await self._offload(env.message(env.turn(k)))
+            message = await self._offload(env.message(env.turn(k), k))
             for traj in trajectories:
                 if traj.ended:
                     continue
-                prompt = await self._render([message], traj.rendered)
+                prompt = await self._render([message], traj.rendered, env.tools)
                 limit = self.max_model_len
                 if limit is not None and len(prompt.token_ids) + self.sampling.max_tokens > limit:
                     traj.ended = True

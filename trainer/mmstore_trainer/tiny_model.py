@@ -103,7 +103,7 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer():
+def _build_tokenizer(chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -127,7 +127,7 @@ def _build_tokenizer():
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -189,7 +189,7 @@ def qwen2_vl_2b_config(tok=None):
     return qwen2_vl.Qwen2VLConfig(text_config=text, vision_config=QWEN2_VL_2B_VISION, **_token_ids(tok))
 
 
-def _build_into(out: Path, family: str, size: str = "tiny") -> Path:
+def _build_into(out: Path, family: str, size: str = "tiny", chat_template: str = CHAT_TEMPLATE) -> Path:
     if size not in SIZES or (size != "tiny" and family != "qwen2_vl"):
         raise ValueError(f"unknown size {size!r} for {family}; expected 'tiny' (or '2b' for qwen2_vl)")
     import torch
@@ -198,7 +198,7 @@ def _build_into(out: Path, family: str, size: str = "tiny") -> Path:
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     torch.manual_seed(SEED)
-    tok = _build_tokenizer()
+    tok = _build_tokenizer(chat_template)
     token_ids = _token_ids(tok)
     text = _text_config(tok, size)
     vision = {"depth": 2, "num_heads": 2, "spatial_merge_size": 2, "temporal_patch_size": 2}
@@ -241,13 +241,15 @@ def _build_into(out: Path, family: str, size: str = "tiny") -> Path:
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     _save_common(model.to(dtype), tok, processor, out)
     return out
 
 
-def _build_atomic(path: Path, family: str, replace: bool = True, size: str = "tiny") -> Path:
+def _build_atomic(
+    path: Path, family: str, replace: bool = True, size: str = "tiny", chat_template: str = CHAT_TEMPLATE
+) -> Path:
     """Build into a temp folder beside ``path``, then rename it into place (never half-built).
 
     With ``replace=False`` a folder that appeared meanwhile (a concurrent build) is kept.
@@ -256,7 +258,7 @@ def _build_atomic(path: Path, family: str, replace: bool = True, size: str = "ti
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _build_into(tmp, family, size)
+        _build_into(tmp, family, size, chat_template)
         tmp.chmod(0o755)  # mkdtemp makes it 0700, safetensors writes 0600
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -307,11 +309,17 @@ def build_qwen2_vl_2b(path: Path) -> Path:
     return _build_atomic(path, "qwen2_vl", size="2b")
 
 
-def ensure_tiny_model(path: Path, family: str = "qwen2_vl", size: str = "tiny") -> Path:
-    """Return ``path``, building the ``family`` model of ``size`` there first if it is absent."""
+def ensure_tiny_model(
+    path: Path, family: str = "qwen2_vl", size: str = "tiny", chat_template: str = CHAT_TEMPLATE
+) -> Path:
+    """Return ``path``, building the ``family`` model of ``size`` there first if it is absent.
+
+    ``chat_template`` replaces the Qwen2-VL one (e.g. a real model's template with tool calls or
+    thinking, which the tests keep as data files); ``path`` should name it, since an existing
+    folder is returned as it is."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
     if family not in ("qwen2_vl", "qwen3_vl"):
         raise ValueError(f"unknown family {family!r}; expected 'qwen2_vl' or 'qwen3_vl'")
-    return _build_atomic(path, family, replace=False, size=size)
+    return _build_atomic(path, family, replace=False, size=size, chat_template=chat_template)

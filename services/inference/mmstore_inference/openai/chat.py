@@ -34,6 +34,7 @@ Deliberate differences from OpenAI and vLLM's server:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -54,8 +55,8 @@ from ..errors import InferenceError, ModelNotFound
 from ..service import GenerateService
 from ..settings import InferenceSettings
 from . import sse
-from .decoding import CompletionDecoder, DecodedChoice
-from .errors import ChatError, to_chat_error, validation_error
+from .decoding import CompletionDecoder, CompletionParser, DecodedChoice
+from .errors import ChatError, to_chat_error, unsupported, validation_error
 from .prompt import Prompt, PromptBuilder
 from .sampling import sampling_for
 from .schemas import (
@@ -63,6 +64,7 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    ChoiceInfo,
     ChoiceLogprobs,
     MmstoreInfo,
     RenderInfo,
@@ -98,6 +100,8 @@ class OpenAIChat:
         policy = OffloadPolicy(fetch_http=settings.offload_fetch_http, check_size=self.layout.place)
         self.prompts = PromptBuilder(renderer, service.fetcher, writer or service.fetcher.store, policy)
         self.decoder = CompletionDecoder(renderer.tokenizer)
+        config = json.loads((settings.model / "config.json").read_text())
+        self.parser = CompletionParser(self.decoder, config.get("model_type", self.layout.family))
         r = service.metrics.registry
         name = "mmstore_inference_openai_"
         self.requests = Counter(
@@ -197,6 +201,11 @@ class OpenAIChat:
             message = f"the model {body.model!r} is not served here; use {self.model_id!r}"
             raise ModelNotFound(message, param="model")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.parses_tool_calls and self.parser.format is None:
+            raise unsupported(
+                "tools",
+                f"no tool-call format is known for model type {self.parser.model_type!r} (see the README)",
+            )
         messages = [m.template_message() for m in body.messages]
         run = body.mmstore.run or self.settings.offload_run
         prompt = await self.prompts.build(body, messages, run)
@@ -208,6 +217,9 @@ class OpenAIChat:
         result = await self._generate(prompt, sampling.options, request_id)
         choices = await self.prompts.on_tokenizer_thread(
             self.decoder.choices, result.samples, sampling.text_stops, sampling.stop_ids, body.stream
+        )
+        parsed = await self.prompts.on_tokenizer_thread(
+            self.parser.parse, choices, ids, tools=body.parses_tool_calls, parallel=body.parallel_tool_calls
         )
         completion_tokens = sum(len(c.ids) for c in choices)
         usage = Usage(
@@ -239,7 +251,13 @@ class OpenAIChat:
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
             events = sse.chunks(
-                head, choices, logprobs, usage if with_usage else None, result.prompt_token_ids, mmstore
+                head,
+                choices,
+                parsed,
+                logprobs,
+                usage if with_usage else None,
+                result.prompt_token_ids,
+                mmstore,
             )
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -247,13 +265,18 @@ class OpenAIChat:
         choice_list = [
             Choice(
                 index=c.index,
-                message=AssistantMessage(content=c.text),
+                message=AssistantMessage(
+                    content=p.content,
+                    reasoning_content=p.reasoning_content,
+                    tool_calls=[t.openai() for t in p.tool_calls],
+                ),
                 logprobs=lp,
-                finish_reason=c.finish,
+                finish_reason=sse.finish_reason(c, p),
                 stop_reason=c.stop_reason,
                 token_ids=c.ids,
+                mmstore=ChoiceInfo(tool_call_parse_error=p.parse_error) if p.parse_error else None,
             )
-            for c, lp in zip(choices, logprobs, strict=True)
+            for c, p, lp in zip(choices, parsed, logprobs, strict=True)
         ]
         response = ChatCompletion(
             **head,

@@ -1,4 +1,5 @@
-"""Completion ids -> what the chat endpoint answers: text, stop strings, streaming deltas.
+"""Completion ids -> what the chat endpoint answers: text, stop strings, streaming deltas, and
+content / reasoning / tool calls (:class:`CompletionParser`, the family's chat format).
 
 ``stop`` strings are applied after sampling (the engine call returns finished completions): the
 tokens through the one that completes a stop string are kept, as vLLM keeps them, and the text
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmstore_client.chat_formats import ParsedCompletion, chat_format
 from mmstore_client.inference import Completion
 
 
@@ -86,3 +88,38 @@ class CompletionDecoder:
             deltas = self.deltas(ids, text) if stream else []
             out.append(DecodedChoice(i, ids, lps, finish, reason, text, deltas))
         return out
+
+
+class CompletionParser:
+    """Each completion's content, reasoning and tool calls, in the model type's chat format.
+
+    Reasoning is split off for templates that think (``<think>`` in the chat template); a prompt
+    whose text ends with ``<think>`` (Qwen3-VL-Thinking's generation prompt opens it) starts the
+    completion inside the reasoning.
+    """
+
+    def __init__(self, decoder: CompletionDecoder, model_type: str) -> None:
+        self.decoder, self.model_type = decoder, model_type
+        self.format = chat_format(model_type)
+        self.thinking = "<think>" in (decoder.tokenizer.chat_template or "")
+
+    def opened(self, prompt_ids: Sequence[int]) -> bool:
+        """The prompt ends inside an opened ``<think>`` (16 ids: ``<think>\\n`` is one or two in
+        Qwen's vocabulary, a few more in a small BPE)."""
+        return self.thinking and self.decoder.text(prompt_ids[-16:]).rstrip().endswith("<think>")
+
+    def parse(
+        self, choices: list[DecodedChoice], prompt_ids: Sequence[int], *, tools: bool, parallel: bool | None
+    ) -> list[ParsedCompletion]:
+        if self.format is None or not (tools or self.thinking):
+            return [ParsedCompletion(c.text) for c in choices]
+        opened = self.opened(prompt_ids)
+        parsed = [
+            self.format.parse(c.text, thinking=self.thinking, opened=opened, tools=tools) for c in choices
+        ]
+        if parallel is False:  # parallel_tool_calls=false: the first call only
+            parsed = [
+                ParsedCompletion(p.content, p.reasoning_content, p.tool_calls[:1], p.parse_error)
+                for p in parsed
+            ]
+        return parsed

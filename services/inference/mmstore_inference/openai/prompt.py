@@ -115,7 +115,7 @@ class PromptBuilder:
                     param="mmstore.previous_messages_count",
                 )
         bridge = previous is not None and body.mmstore.bridge
-        options = {"tools": body.tools, "chat_template_kwargs": body.chat_template_kwargs}
+        options = {"tools": body.template_tools, "chat_template_kwargs": body.chat_template_kwargs}
         try:
             if bridge:
                 assert previous is not None and count is not None

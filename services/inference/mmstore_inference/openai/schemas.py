@@ -6,10 +6,11 @@ refused by name) and the response models the non-streaming response is built fro
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from mmstore_client.descriptor import Descriptor, ImageSpan
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..settings import RUN_PATTERN
 from .errors import invalid, unsupported
@@ -47,12 +48,44 @@ class VideoPart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str = Field(description="a JSON object's text, as the model wrote it (OpenAI's shape)")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments must be a JSON object's text: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"arguments must be a JSON object, not {type(parsed).__name__}")
+        return value
+
+
+class ToolCallIn(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_call(self) -> dict[str, Any]:
+        """As vLLM's chat_utils gives it to templates: ``arguments`` parsed into an object (Qwen's
+        templates write a string as it is, an object with ``tojson``)."""
+        function = {"name": self.function.name, "arguments": json.loads(self.function.arguments)}
+        return {"id": self.id, "type": "function", "function": function}
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    reasoning_content: str | None = Field(
+        None, description="an assistant's reasoning, for templates that think"
+    )
+    reasoning: str | None = Field(None, description="vLLM's newer name for reasoning_content")
     # what clients copy back from a response's message: accepted, not rendered
     refusal: str | None = None
     annotations: list[Any] | None = None
@@ -69,7 +102,32 @@ class ChatMessage(_Model):
                 else p.model_dump(exclude_none=True)
                 for p in self.content
             ]
-        return out | {k: getattr(self, k) for k in ("name", "tool_call_id", "tool_calls") if getattr(self, k)}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template_call() for c in self.tool_calls]
+        if (reasoning := self.reasoning_content or self.reasoning) is not None:
+            out["reasoning_content"] = reasoning
+        return out | {k: getattr(self, k) for k in ("name", "tool_call_id") if getattr(self, k)}
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Model):
@@ -118,14 +176,18 @@ class ChatCompletionRequest(_Model):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(
+        None, description="rendered by the chat template; calls parsed per family"
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: only the first parsed call is returned"
+    )
     # accepted only when neutral
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
 
     @model_validator(mode="after")
@@ -138,8 +200,15 @@ class ChatCompletionRequest(_Model):
             raise unsupported("logit_bias", "not supported (the service bans image markup tokens itself)")
         if self.response_format and self.response_format.get("type") != "text":
             raise unsupported("response_format", "only {'type': 'text'} is supported")
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tools", "tool definitions are not rendered by this service")
+        if self.tool_choice not in (None, "none", "auto"):
+            if not self.tools:
+                raise invalid("tool_choice needs tools", "tool_choice")
+            raise unsupported(
+                "tool_choice",
+                "'required' and a named function are not enforced: the service samples through its "
+                "checked generate path, which does not carry vLLM's structured outputs; send 'auto' "
+                "and check the returned tool_calls",
+            )
         if self.modalities and self.modalities != ["text"]:
             raise unsupported("modalities", "only ['text'] output is supported")
         if self.top_logprobs and not self.logprobs:
@@ -147,6 +216,15 @@ class ChatCompletionRequest(_Model):
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options can only be given with stream=true", "stream_options")
         return self
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template gets them (what ``apply_chat_template(tools=)`` takes)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def stops(self) -> list[str]:
@@ -170,18 +248,38 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="the <think> part, for templates that think")
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+
+class ChoiceInfo(BaseModel):
+    tool_call_parse_error: str | None = Field(
+        None, description="why text that opens a tool call was returned as content instead"
+    )
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"]
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"]
     stop_reason: int | str | None = Field(description="the stop string or stop token id that ended it")
     token_ids: list[int] = Field(description="the sampled ids, through a stop string's last token")
+    mmstore: ChoiceInfo | None = None
 
 
 class Usage(BaseModel):
