@@ -9,11 +9,14 @@ with ``parse_error`` saying why, so a client sees what the model wrote instead o
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN = "<tool_call>"
+_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,31 @@ def arguments_text(arguments: Any) -> str:
 
 
 class ChatFormat:
-    """How one family's template writes tool calls; subclasses implement :meth:`tool_calls`."""
+    """How one family's template writes tool calls: each in a ``<tool_call>`` ... ``</tool_call>``
+    envelope after the content; subclasses implement :meth:`parse_call` for what is inside."""
 
     name: ClassVar[str]
+
+    def parse_call(self, body: str) -> ToolCall:
+        """One call from the text inside its envelope; raises ``ValueError`` when it does not parse."""
+        raise NotImplementedError
 
     def tool_calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """``(content, calls)`` of ``text`` (after reasoning); raises ``ValueError`` when text that
         opens a tool call does not parse."""
-        raise NotImplementedError
+        start = text.find(CALL_OPEN)
+        if start < 0:
+            return text, []
+        calls = []
+        for k, body in enumerate(_CALL.findall(text)):
+            try:
+                calls.append(self.parse_call(body))
+            except ValueError as exc:
+                raise ValueError(f"call {k}: {exc}") from None
+        if text.count(CALL_OPEN) != len(calls):
+            raise ValueError("a <tool_call> is not closed by </tool_call> (cut by max_tokens?)")
+        content = text[:start].rstrip("\n")
+        return content or None, calls
 
     def parse(self, text: str, *, thinking: bool, opened: bool, tools: bool) -> ParsedCompletion:
         """``text`` as content, reasoning (when the template thinks) and tool calls (when the

@@ -19,7 +19,6 @@ import re
 from .base import ChatFormat, ToolCall
 from .registry import register
 
-_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _FUNCTION = re.compile(r"^\s*<function=([^>\s]+)>(.*)</function>\s*$", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
@@ -35,18 +34,9 @@ def _value(text: str):
 class Qwen3XmlFormat(ChatFormat):
     name = "qwen3_xml"
 
-    def tool_calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        start = text.find("<tool_call>")
-        if start < 0:
-            return text, []
-        calls = []
-        for k, body in enumerate(_CALL.findall(text)):
-            function = _FUNCTION.match(body)
-            if function is None:
-                raise ValueError(f"call {k} has no <function=name>...</function>")
-            args = {name: _value(value) for name, value in _PARAMETER.findall(function.group(2))}
-            calls.append(ToolCall(function.group(1), json.dumps(args, ensure_ascii=False)))
-        if text.count("<tool_call>") != len(calls):
-            raise ValueError("a <tool_call> is not closed by </tool_call> (cut by max_tokens?)")
-        content = text[:start].rstrip("\n")
-        return content or None, calls
+    def parse_call(self, body: str) -> ToolCall:
+        function = _FUNCTION.match(body)
+        if function is None:
+            raise ValueError("no <function=name>...</function>")
+        args = {name: _value(value) for name, value in _PARAMETER.findall(function.group(2))}
+        return ToolCall(function.group(1), json.dumps(args, ensure_ascii=False))
