@@ -30,6 +30,8 @@ export PYTHONPATH=$root/clients:$root/services/mmstore:$root/services/inference:
 export PYTHONUNBUFFERED=1 MMSTORE_BENCH_MODEL=${MMSTORE_BENCH_MODEL:-qwen2-vl-2b} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 export MMSTORE_BENCH_CACHE=${MMSTORE_BENCH_CACHE:-/tmp/mmstore-models}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # local checkpoints only: never wait on a hub
+# the in-process engine (inference_bench) starts after CUDA is initialised: fork would break it
+export VLLM_WORKER_MULTIPROC_METHOD=${VLLM_WORKER_MULTIPROC_METHOD:-spawn}
 for entry in mmstore:mmstore.cli mmstore-inference:mmstore_inference.cli \
              mmstore-smoke:mmstore_rollout.cli mmstore-trainer:mmstore_trainer.cli; do
   name=${entry%%:*}
