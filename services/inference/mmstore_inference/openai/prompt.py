@@ -92,18 +92,19 @@ class PromptBuilder:
         started = time.perf_counter()
         messages, offloaded = await self._offload(messages, run)
         offloaded_at = time.perf_counter()
-        prompt = await self._render(body, messages)
+        params = [p.url_where for p in image_parts(messages)]
+        prompt = await self._render(body, messages, params)
         timings = {"offload_s": offloaded_at - started, "render_s": time.perf_counter() - offloaded_at}
-        return Prompt(*prompt, offloaded, [p.url_where for p in image_parts(messages)], timings)
+        return Prompt(*prompt, offloaded, params, timings)
 
     async def _render(
-        self, body: ChatCompletionRequest, messages: list[dict]
+        self, body: ChatCompletionRequest, messages: list[dict], params: list[str]
     ) -> tuple[Rendered, Literal["render", "bridge"], list[int] | None, bool | None]:
+        """``params[i]``: where the i-th image part is, to name it in a fetch error."""
         try:
             digests = image_refs(messages)
         except (RenderError, ProcessedPayloadError) as exc:
             raise _render_error(exc) from None
-        params = [p.url_where for p in image_parts(messages)]
         headers = await self.fetcher.headers(digests, params)
         previous, count = body.mmstore.previous_token_ids, None
         if previous is not None:
