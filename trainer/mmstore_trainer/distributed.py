@@ -7,7 +7,8 @@ code path, which is what the tests run). Everything collective is torch.distribu
 
 * the model is sharded by ``torch.distributed.fsdp.fully_shard``: each unit the family names
   (:meth:`~mmstore_trainer.families.Family.shard_units`, units that run in every forward) and
-  then the root, which holds everything else (embeddings, head, vision tower). A rank whose
+  then the root, which holds everything else (embeddings, head, vision tower), gathered as bf16
+  on a GPU (float32 master weights; see :meth:`Ranks.shard`). A rank whose
   micro-batch has no image skips the vision tower; keeping the tower in the root unit, with
   unused parameters reduce-scattered as zeros, keeps every rank's collectives identical;
 * gradients are *summed* across ranks: each rank's loss is divided by the step's trained tokens
@@ -109,14 +110,25 @@ class Ranks:
     def shard(self, model: torch.nn.Module, units: list[torch.nn.Module]) -> torch.nn.Module:
         """``fully_shard`` each of ``units``, then the root (a model already sharded is kept)."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         if isinstance(model, FSDPModule):
             return model
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # On a GPU each unit gathers its float32 weights as bf16 (cast once per gather, where
+        # autocast would cast each weight at every matmul) and reduces gradients in float32; the
+        # sharded master weights and the optimizer stay float32. On the CPU everything stays
+        # float32, as one process computes it.
+        if self.device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
+        # One rank's shard is the whole weight: resharding after forward would free nothing and
+        # gather again for backward.
+        reshard = self.world_size > 1
         for unit in units:
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         assert isinstance(model, FSDPModule)
         if hasattr(model, "set_reduce_scatter_unused_params"):
             model.set_reduce_scatter_unused_params(True)  # recurse: every unit
