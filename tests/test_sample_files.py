@@ -9,6 +9,8 @@ annotations' element strategies.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mmstore_client.descriptor import Descriptor, ImageSpan, Sample
-from mmstore_trainer.samples import SampleFileError, read_samples, write_samples
+from mmstore_client.descriptor import Descriptor, ImageSpan
+from mmstore_client.samples import Sample, SampleFileError, read_samples, write_samples
 from model_strategies import element, field_values, for_field, for_model
 
 
@@ -138,3 +140,29 @@ def test_format_v1_parquet_is_written_with_the_same_columns_and_values(tmp_path)
     written, v1 = pq.read_table(tmp_path / "s.parquet"), pq.read_table(V1_FILES / "format-v1.parquet")
     assert written.schema.equals(v1.schema, check_metadata=True)
     assert written.to_pylist() == v1.to_pylist()
+
+
+# ----------------------------------------------------------------------------- a light contract
+
+
+def test_the_schema_and_jsonl_files_need_neither_pyarrow_nor_torch(tmp_path):
+    """Rollout workers and stock-vLLM clients import the contract: only Parquet loads pyarrow."""
+    code = f"""
+import sys
+from mmstore_client import Sample, read_samples, write_samples
+path = {str(tmp_path / "s.jsonl")!r}
+write_samples(path, [Sample(sample_id="s", token_ids=[1], loss_mask=[True], advantages=1.0, logprobs=[0.0])])
+assert [s.sample_id for s in read_samples(path)] == ["s"]
+print(sorted(m for m in ("pyarrow", "torch", "transformers") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as in an install without the extra
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    sample = Sample(sample_id="s", token_ids=[1], loss_mask=[True], advantages=1.0, logprobs=[0.0])
+    with pytest.raises(ModuleNotFoundError, match=r"mmstore-client\[parquet\]"):
+        write_samples(tmp_path / "s.parquet", [sample])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
