@@ -119,7 +119,7 @@ def make_samples(
     """Upload distinct images and render one two-message conversation per sample."""
     from mmstore_client import StoreClient
     from mmstore_client.render import Renderer, image_refs
-    from mmstore_trainer import sample_from_rendered
+    from mmstore_client.samples import sample_from_rendered
 
     total = 0
     samples = []
@@ -404,7 +404,7 @@ def main(
 ) -> None:
     import torch
     from mmstore_client.layouts import from_pretrained as layout_from_pretrained
-    from mmstore_trainer import write_samples
+    from mmstore_client.samples import write_samples
     from mmstore_trainer.distributed import Ranks
     from transformers import AutoProcessor
 

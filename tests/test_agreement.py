@@ -15,8 +15,8 @@ from mmstore_client import ConflictError, decode
 from mmstore_client.inference import GenerateRequest, SamplingOptions
 from mmstore_client.layouts import LayoutRefusal
 from mmstore_client.offload import OffloadError, OffloadPolicy, offload_messages
+from mmstore_client.samples import sample_from_rendered
 from mmstore_trainer.data import MaterializationError
-from mmstore_trainer.samples import sample_from_rendered
 from PIL import Image
 from support import noise_png
 

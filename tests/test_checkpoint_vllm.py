@@ -13,8 +13,8 @@ from mmstore_client import StoreClient
 from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
 from mmstore_client.offload import offload_messages
 from mmstore_client.render import Renderer
+from mmstore_client.samples import sample_from_rendered, write_samples
 from mmstore_trainer.config import TrainConfig
-from mmstore_trainer.samples import sample_from_rendered, write_samples
 from mmstore_trainer.train import train
 from support import FetchingRenderer, noise_png
 from test_trainer_distributed import finish, torchrun

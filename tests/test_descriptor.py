@@ -16,10 +16,10 @@ from mmstore_client.descriptor import (
     Descriptor,
     ImageSpan,
     ProcessedPayloadError,
-    Sample,
     reject_processed,
 )
 from mmstore_client.digest import compute_digest
+from mmstore_client.samples import Sample
 from pydantic import ValidationError
 from support import image_bytes
 

@@ -24,8 +24,8 @@ from mmstore_client.inference import GenerateRequest, SamplingOptions
 from mmstore_client.offload import offload_messages
 from mmstore_client.placeholders import check_runs
 from mmstore_client.render import RenderError
+from mmstore_client.samples import sample_from_rendered
 from mmstore_client.truncate import TruncationPolicy, safe_cut, truncate_sample
-from mmstore_trainer.samples import sample_from_rendered
 from PIL import Image
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,10 @@ import httpx
 import openai
 import pytest
 from mmstore_client import StoreClient, compute_digest, make_ref
-from mmstore_client.descriptor import Descriptor, ImageSpan, Sample
+from mmstore_client.descriptor import Descriptor, ImageSpan
 from mmstore_client.inference import GenerateRequest, InferenceClient, SamplingOptions
-from mmstore_client.render import Renderer
+from mmstore_client.render import Rendered, Renderer
+from mmstore_client.samples import Sample, sample_from_rendered
 from support import FetchingRenderer, free_port, image_bytes, noise_png
 
 pytestmark = pytest.mark.slow
@@ -190,15 +191,13 @@ def sample_from_responses(responses, sample_id: str) -> Sample:
         assert ids[start : start + len(c.token_ids)] == c.token_ids
         for k, e in enumerate(c.logprobs.content):
             mask[start + k], logprobs[start + k] = True, e.logprob
-    return Sample(
-        sample_id=sample_id,
-        token_ids=ids,
-        loss_mask=mask,
-        advantages=1.0,
-        logprobs=logprobs,
-        descriptors=last.mmstore["descriptors"],
-        image_spans=last.mmstore["image_spans"],
+    rendered = Rendered(
+        ids,
+        [Descriptor.model_validate(d) for d in last.mmstore["descriptors"]],
+        [ImageSpan.model_validate(s) for s in last.mmstore["image_spans"]],
+        mask,
     )
+    return sample_from_rendered(rendered, sample_id=sample_id, advantages=1.0, logprobs=logprobs)
 
 
 def test_five_turns_bridged_equal_the_renderer_and_train(

@@ -13,10 +13,10 @@ import httpx
 import pytest
 import test_vllm_plugin as plugin_tests
 from mmstore_client import StoreClient, decode
-from mmstore_client.descriptor import Sample
 from mmstore_client.digest import parse_ref
 from mmstore_client.placeholders import PlaceholderMismatch, collapse
 from mmstore_client.render import Rendered
+from mmstore_client.samples import Sample
 from mmstore_client.stock_vllm import (
     TurnBreak,
     bridge_token_ids,

@@ -14,18 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mmstore_client import StoreClient, compute_digest
-from mmstore_client.descriptor import Sample
 from mmstore_client.render import Renderer
-from mmstore_trainer import (
-    Loader,
-    MaterializationError,
-    Materializer,
-    MissingImagePolicy,
-    SampleFileError,
-    read_samples,
-    sample_from_rendered,
-    write_samples,
-)
+from mmstore_client.samples import Sample, SampleFileError, read_samples, sample_from_rendered, write_samples
+from mmstore_trainer import Loader, MaterializationError, Materializer, MissingImagePolicy
 from mmstore_trainer.data import PLACEHOLDER_RGB
 from PIL import Image
 from support import FetchingRenderer, ImageSet, image_bytes

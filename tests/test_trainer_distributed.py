@@ -18,7 +18,8 @@ import pytest
 import torch
 from mmstore_client import StoreClient
 from mmstore_client.render import Renderer
-from mmstore_trainer import StepDataset, TrainConfig, Trainer, read_metrics, write_samples
+from mmstore_client.samples import write_samples
+from mmstore_trainer import StepDataset, TrainConfig, Trainer, read_metrics
 from mmstore_trainer.sharding import assign_indices
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file

@@ -12,7 +12,8 @@ from mmstore_client import StoreClient, compute_digest
 from mmstore_client.layouts import from_pretrained as layout_from_pretrained
 from mmstore_client.placeholders import image_markup_ids
 from mmstore_client.render import Renderer
-from mmstore_trainer import Materializer, TrainConfig, Trainer, read_metrics, write_samples
+from mmstore_client.samples import write_samples
+from mmstore_trainer import Materializer, TrainConfig, Trainer, read_metrics
 from mmstore_trainer.cli import app
 from mmstore_trainer.families import QwenVLFamily, UnsupportedFamily, family_class, register
 from mmstore_trainer.loss import clipped_pg_loss, token_logprobs

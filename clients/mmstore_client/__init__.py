@@ -15,6 +15,7 @@ from .errors import (
     TransportError,
 )
 from .models import BlobInfo, GcReport, LinkResponse, RunBlobPage, RunDeleted, RunInfo
+from .samples import Sample, SampleFileError, read_samples, sample_from_rendered, write_samples
 from .store import AsyncStoreClient, StoreClient
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "RunBlobPage",
     "RunDeleted",
     "RunInfo",
+    "Sample",
+    "SampleFileError",
     "ServerError",
     "StoreClient",
     "TransportError",
@@ -44,4 +47,7 @@ __all__ = [
     "is_ref",
     "make_ref",
     "parse_ref",
+    "read_samples",
+    "sample_from_rendered",
+    "write_samples",
 ]

@@ -1,17 +1,17 @@
-"""Descriptors and training samples: the small, strict records that cross process boundaries.
+"""Descriptors: the small, strict records that cross process boundaries.
 
 A :class:`Descriptor` is the raw multimodal item: which bytes (digest), what they are (mime,
 oriented width/height), and how the model family lays them out (family, layout config and its
 fingerprint, grid, placeholder token count). About 200 bytes of JSON; never pixels.
 
-Processed payloads are refused anywhere in a descriptor, a message list or a sample, with an
-error naming the path, so that nobody quietly ships 20 MB tensors through the rollout path. They
-are recognised by what they are, never by the alphabet of free text (a tool's listing of numbers
-or hex digests is text): keys that only hold processed data (``pixel_values``, ``image_embeds``
-and kin), arrays and tensors, arrays of arrays of numbers (a tensor written out as JSON), inline
-``data:`` URIs, base64 in the fields that hold images, and base64 anywhere (a whole string, or
-a run of 64+ characters inside text or a JSON string) that decodes to an image file, by its
-format's signature.
+Processed payloads are refused anywhere in a descriptor, a message list or a sample
+(:mod:`.samples`), with an error naming the path, so that nobody quietly ships 20 MB tensors
+through the rollout path. They are recognised by what they are, never by the alphabet of free
+text (a tool's listing of numbers or hex digests is text): keys that only hold processed data
+(``pixel_values``, ``image_embeds`` and kin), arrays and tensors, arrays of arrays of numbers (a
+tensor written out as JSON), inline ``data:`` URIs, base64 in the fields that hold images, and
+base64 anywhere (a whole string, or a run of 64+ characters inside text or a JSON string) that
+decodes to an image file, by its format's signature.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 DESCRIPTOR_VERSION = 1
-SAMPLE_VERSION = 1
 
 # keys that only ever hold processed image data
 PROCESSED_KEYS = frozenset(
@@ -216,56 +215,3 @@ class ImageSpan(_Strict):
 
     start: int = Field(ge=0)
     length: int = Field(gt=0)
-
-
-class Sample(_Strict):
-    """A training sample as rollout workers write it (JSONL / Parquet) and the trainer reads it.
-
-    ``descriptors[i]`` is the i-th image in order of appearance; ``image_spans[i]`` is where its
-    placeholder run sits in ``token_ids``. ``loss_mask`` marks the tokens to train on (the
-    assistant's); ``advantages`` is per token (same length) or one per sample;
-    ``logprobs`` holds the inference logprobs of the tokens (0.0 where not sampled).
-    """
-
-    version: Literal[1] = SAMPLE_VERSION
-    sample_id: str
-    token_ids: list[TokenId]
-    loss_mask: list[bool]
-    advantages: list[float] | float
-    logprobs: list[float]
-    descriptors: list[Descriptor] = Field(default_factory=list)
-    image_spans: list[ImageSpan] = Field(default_factory=list)
-    reward: float | None = None
-    pixel_digests: list[Digest] | None = Field(
-        None, description="per image, decode.pixel_digest of the pixels inference sampled from"
-    )
-    meta: dict[str, LayoutScalar] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Sample:
-        n = len(self.token_ids)
-        for name in ("loss_mask", "logprobs"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} tokens")
-        if isinstance(self.advantages, list) and len(self.advantages) != n:
-            raise ValueError(f"advantages has {len(self.advantages)} entries for {n} tokens")
-        if self.pixel_digests is not None and len(self.pixel_digests) != len(self.descriptors):
-            raise ValueError(
-                f"{len(self.pixel_digests)} pixel digests for {len(self.descriptors)} descriptors"
-            )
-        if len(self.image_spans) != len(self.descriptors):
-            raise ValueError(f"{len(self.image_spans)} image spans for {len(self.descriptors)} descriptors")
-        end = 0
-        for i, (span, desc) in enumerate(zip(self.image_spans, self.descriptors, strict=True)):
-            if span.length != desc.num_tokens:
-                raise ValueError(
-                    f"image {i}: span of {span.length} tokens, descriptor says {desc.num_tokens}"
-                )
-            if span.start < end or span.start + span.length > n:
-                raise ValueError(
-                    f"image {i}: span {span.start}+{span.length} overlaps or leaves the sequence"
-                )
-            end = span.start + span.length
-            if any(self.loss_mask[span.start : end]):
-                raise ValueError(f"image {i}: loss_mask is set on image placeholder tokens")
-        return self

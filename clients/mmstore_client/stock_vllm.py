@@ -25,11 +25,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .decode import ImageHeader
-from .descriptor import Descriptor, ImageSpan, Sample
+from .descriptor import Descriptor, ImageSpan
 from .digest import make_ref
 from .layouts import Layout
 from .placeholders import PlaceholderMismatch, check_runs, collapse
-from .render import describe
+from .render import Rendered, describe
+from .samples import Sample, sample_from_rendered
 
 
 class TurnBreak(ValueError):
@@ -147,16 +148,14 @@ def _sample(
         _extends(previous, prompt_ids, descriptors, turn)
         head_mask, head_logprobs = previous.loss_mask, previous.logprobs
     gap = len(prompt_ids) - len(head_mask)
-    return Sample(
+    prompt = Rendered(list(prompt_ids), list(descriptors), spans, [*head_mask, *([False] * gap)])
+    return sample_from_rendered(
+        prompt.extend(completion_ids, assistant=True),
         sample_id=sample_id,
-        token_ids=token_ids,
-        loss_mask=[*head_mask, *([False] * gap), *([True] * len(completion_ids))],
         advantages=advantages,
         logprobs=[*head_logprobs, *([0.0] * gap), *completion_logprobs],
-        descriptors=list(descriptors),
-        image_spans=spans,
         reward=reward,
-        pixel_digests=list(pixel_digests) if pixel_digests is not None else None,
+        pixel_digests=pixel_digests,
         meta={"turn": turn, "source": "stock_vllm"},
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .descriptor import Sample
+from .samples import Sample
 
 
 class TruncationPolicy(StrEnum):

@@ -253,7 +253,7 @@ def _train(cfg: SmokeConfig, model: Path, samples_file: Path, store_url: str) ->
 
 
 def run_smoke(cfg: SmokeConfig) -> Summary:
-    from mmstore_trainer.samples import write_samples
+    from mmstore_client.samples import write_samples
     from mmstore_trainer.tiny_model import ensure_tiny_model
 
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 A group is ``n`` trajectories of one environment seed (GRPO): the first turn's prompt is
 sampled ``n`` times in one request; each completion then continues as its own conversation,
 one new picture per turn, bridged onto the ids exactly as sampled. When the group is done,
-each trajectory becomes one training :class:`~mmstore_client.descriptor.Sample` with the
+each trajectory becomes one training :class:`~mmstore_client.samples.Sample` with the
 group-normalised advantage of its total reward.
 """
 
@@ -14,12 +14,13 @@ import statistics
 from dataclasses import dataclass, field
 
 from mmstore_client import AsyncStoreClient, ConflictError
-from mmstore_client.descriptor import ProcessedPayloadError, Sample, reject_processed
+from mmstore_client.descriptor import ProcessedPayloadError, reject_processed
 from mmstore_client.inference import AsyncInferenceClient, GenerateRequest, SamplingOptions
 from mmstore_client.offload import aoffload_messages
 from mmstore_client.placeholders import PlaceholderMismatch
 from mmstore_client.render import Rendered, Renderer, image_refs
 from mmstore_client.rollouts import RolloutDoc, aput_rollout, rollout_turns
+from mmstore_client.samples import Sample, sample_from_rendered
 
 from .env import ShapesEnv
 from .stats import LoopStats
@@ -192,22 +193,18 @@ class RolloutWorker:
         std = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
         samples = []
         for i, (traj, reward) in enumerate(zip(trajectories, rewards, strict=True)):
-            r = traj.rendered
             samples.append(
-                Sample(
+                sample_from_rendered(
+                    traj.rendered,
                     sample_id=f"seed{seed}-{i}",
-                    token_ids=r.token_ids,
-                    loss_mask=r.assistant_mask,
                     advantages=(reward - mean) / (std + 1e-6),
                     logprobs=traj.logprobs,
-                    descriptors=r.descriptors,
-                    image_spans=r.image_spans,
                     reward=reward,
                     pixel_digests=traj.pixel_digests,
                     meta={"seed": seed, "turns": turns},
                 )
             )
             self.stats.rewards.append(reward)
-            self.stats.digests.update(d.digest for d in r.descriptors)
+            self.stats.digests.update(d.digest for d in traj.rendered.descriptors)
         self.stats.rollouts += len(samples)
         return samples

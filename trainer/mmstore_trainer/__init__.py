@@ -8,6 +8,8 @@ step (:mod:`.loader`); samples are packed into micro-batches without cross-sampl
 :mod:`.train`). Model-specific knowledge lives in :mod:`.families`. :class:`StepDataset` is that
 data path as a ``torch.utils.data`` dataset for any training loop; under ``torchrun`` each rank
 materializes only its share (:mod:`.sharding`) and trains with FSDP2 (:mod:`.distributed`).
+The samples and their files are the contract's (:mod:`mmstore_client.samples`); the trainer
+owns what turns them into tensors.
 """
 
 from mmstore_trainer.checkpoint import save_checkpoint
@@ -18,7 +20,6 @@ from mmstore_trainer.loader import Loader
 from mmstore_trainer.loss import PgStats, clipped_pg_loss, token_logprobs
 from mmstore_trainer.metrics import StepMetrics, read_metrics
 from mmstore_trainer.pack import MicroBatch, pack
-from mmstore_trainer.samples import SampleFileError, read_samples, sample_from_rendered, write_samples
 from mmstore_trainer.sharding import assign
 from mmstore_trainer.train import Trainer, TrainReport, train
 
@@ -32,7 +33,6 @@ __all__ = [
     "Parallelism",
     "PgStats",
     "RankStep",
-    "SampleFileError",
     "StepDataset",
     "StepMetrics",
     "TrainConfig",
@@ -42,10 +42,7 @@ __all__ = [
     "clipped_pg_loss",
     "pack",
     "read_metrics",
-    "read_samples",
-    "sample_from_rendered",
     "save_checkpoint",
     "token_logprobs",
     "train",
-    "write_samples",
 ]

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mmstore_client import NotFoundError, StoreClient
 from mmstore_client.decode import ImageError, decode_rgb, pixel_digest
-from mmstore_client.descriptor import Descriptor, Sample
+from mmstore_client.descriptor import Descriptor
 from mmstore_client.layouts import Layout
 from mmstore_client.layouts import from_pretrained as layout_from_pretrained
 from mmstore_client.placeholders import PlaceholderMismatch, check_runs
+from mmstore_client.samples import Sample
 from PIL import Image
 
 from mmstore_trainer.config import MissingImagePolicy

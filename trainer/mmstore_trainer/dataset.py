@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from mmstore_client import StoreClient
-from mmstore_client.descriptor import Sample
+from mmstore_client.samples import Sample, SampleFileError, read_samples
 from mmstore_client.truncate import TruncationPolicy, truncate_sample
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -37,7 +37,6 @@ from mmstore_trainer.config import MissingImagePolicy
 from mmstore_trainer.data import MaterializedSample, Materializer
 from mmstore_trainer.loader import Loader
 from mmstore_trainer.pack import MicroBatch, pack
-from mmstore_trainer.samples import SampleFileError, read_samples
 from mmstore_trainer.sharding import assign
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mmstore_client.descriptor import Sample
+from mmstore_client.samples import Sample
 
 
 def _units(digests: Sequence[Sequence[str]]) -> list[list[int]]:
