@@ -34,7 +34,7 @@ SIZES = ("tiny", "2b")
 
 TINY_FAMILY = "qwen2_vl"
 """The family of the default tiny model: what ``make smoke``, ``mmstore-smoke up``, the tests and
-the benches serve when given no model (the family vLLM's CPU build and every part support)."""
+the benches serve when given no model (its tiny model loads in vLLM as well as transformers)."""
 TINY_MODELS_DIR = Path(".cache") / "tiny-models"
 """Where built models are kept, relative to the repository root (git-ignored, rebuilt on demand);
 one folder per model, named by :func:`tiny_model_folder`."""
