@@ -19,6 +19,7 @@ from mmstore import metrics as store_metrics
 from mmstore_inference import metrics as inference_metrics
 from mmstore_inference.errors import PlaceholderMismatch
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 # vLLM's counters (its names, as scraped): prefix-cache tokens and the multimodal processor cache
 VLLM_PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"  # tokens
@@ -33,6 +34,9 @@ class Series:
 
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+
+    def matches(self, sample: Sample) -> bool:
+        return sample.name == self.name and self.labels.items() <= sample.labels.items()
 
 
 STORE_COUNTERS = {
@@ -67,10 +71,7 @@ REPLICA_COUNTERS = {
 def read_counters(text: str, series: Mapping[str, Series]) -> dict[str, float]:
     """``{key: value}`` of each of ``series`` in the Prometheus text (0 where none is exported)."""
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-    return {
-        key: sum(s.value for s in samples if s.name == want.name and want.labels.items() <= s.labels.items())
-        for key, want in series.items()
-    }
+    return {key: sum((s.value for s in samples if want.matches(s)), 0.0) for key, want in series.items()}
 
 
 def service_counters(store_url: str, inference_urls: list[str]) -> tuple[dict, dict]:
