@@ -360,12 +360,12 @@ def start_inference(
 def tiny_model() -> Path:
     """The tiny random-weight Qwen2-VL checkpoint, built on first use and kept under ``.cache/``
     (git-ignored): every script that runs vLLM or the trainer on CPU measures the same model."""
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
-    return ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl", "qwen2_vl")
+    return ensure_default_tiny_model(ROOT)
 
 
-MODELS = {"tiny": ("qwen2_vl", "tiny"), "qwen2-vl-2b": ("qwen2_vl-2b", "2b")}
+MODELS = {"tiny": "tiny", "qwen2-vl-2b": "2b"}  # name: size of the default tiny model's family
 
 
 def bench_model(name: str | None = None) -> Path:
@@ -379,11 +379,12 @@ def bench_model(name: str | None = None) -> Path:
             known = " or ".join(MODELS)
             raise typer.BadParameter(f"MMSTORE_BENCH_MODEL={name!r}: not {known}, nor a checkpoint folder")
         return Path(name)
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import TINY_FAMILY, TINY_MODELS_DIR, ensure_tiny_model
 
-    folder, size = MODELS[name]
-    cache = Path(os.environ.get("MMSTORE_BENCH_CACHE", ROOT / ".cache" / "tiny-models"))
-    return ensure_tiny_model(cache / folder, "qwen2_vl", size=size)
+    size = MODELS[name]
+    folder = TINY_FAMILY if size == "tiny" else f"{TINY_FAMILY}-{size}"
+    cache = Path(os.environ.get("MMSTORE_BENCH_CACHE", ROOT / TINY_MODELS_DIR))
+    return ensure_tiny_model(cache / folder, TINY_FAMILY, size=size)
 
 
 def env_prefix() -> str:

@@ -107,8 +107,8 @@ async def play(opts: dict, store_url: str, url: str, model: Path, run: str, affi
 
 def run_mode(opts: dict, mode: str, store_url: str, model: Path, tmp: Path) -> dict:
     from mmstore_rollout import balancer as lb
+    from mmstore_rollout.service_metrics import replica_report, scrape_replica, totals
     from mmstore_rollout.stack import Stack
-    from mmstore_rollout.stats import replica_report, scrape_replica, totals
 
     stack = Stack(tmp / mode)
     try:
@@ -240,10 +240,10 @@ def bench(opts: dict, tmp: Path) -> None:
     import transformers
     import vllm
     from mmstore_rollout.stack import Stack
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
     load_before = loadavg()
-    model = ensure_tiny_model(ROOT / ".cache" / "tiny-models" / "qwen2_vl", "qwen2_vl")
+    model = ensure_default_tiny_model(ROOT)
     store_stack = Stack(tmp / "store")
     try:
         store = store_stack.start_store(tmp / "store-data")

@@ -30,22 +30,23 @@ def auth_store(tmp_path_factory) -> ServerProcess:
     server.stop()
 
 
-TINY_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "tiny-models"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl() -> Path:
-    """The tiny random-weight Qwen2-VL checkpoint (built once into .cache/, not committed)."""
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    """The default tiny model, random-weight Qwen2-VL (built once into .cache/, not committed):
+    the same folder ``make smoke`` and the benches serve."""
+    from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
-    return ensure_tiny_model(TINY_CACHE / "qwen2_vl", "qwen2_vl")
+    return ensure_default_tiny_model(REPO_ROOT)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl() -> Path:
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import ensure_tiny_model, tiny_model_folder
 
-    return ensure_tiny_model(TINY_CACHE / "qwen3_vl", "qwen3_vl")
+    return ensure_tiny_model(tiny_model_folder("qwen3_vl", REPO_ROOT), "qwen3_vl")
 
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent / "data" / "chat_templates"
@@ -55,11 +56,12 @@ def tiny_with_template(family: str, template: str) -> Path:
     """A tiny ``family`` checkpoint carrying a real model's chat template (tests/data/chat_templates)."""
     import hashlib
 
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import ensure_tiny_model, tiny_model_folder
 
     text = (CHAT_TEMPLATES / f"{template}.jinja").read_text()
     tag = hashlib.sha256(text.encode()).hexdigest()[:8]  # an edited template builds a new folder
-    return ensure_tiny_model(TINY_CACHE / f"{family}-{template}-{tag}", family, chat_template=text)
+    folder = tiny_model_folder(f"{family}-{template}-{tag}", REPO_ROOT)
+    return ensure_tiny_model(folder, family, chat_template=text)
 
 
 @pytest.fixture(scope="session")

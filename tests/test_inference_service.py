@@ -80,9 +80,10 @@ async def test_fetch_and_cache_counts_are_counters(store):
     assert after["mmstore_inference_decoded_cache_hits_total"] == 1
     assert after["mmstore_inference_byte_cache_hits_total"] == 1
     # the rollout loop's per-replica report reads these names
-    from mmstore_rollout.stats import REPLICA_METRICS
+    from mmstore_rollout.service_metrics import REPLICA_COUNTERS
 
-    ours = [n for n in REPLICA_METRICS.values() if n.startswith("mmstore_inference_") and "requests" not in n]
+    ours = [s.name for s in REPLICA_COUNTERS.values() if s.name.startswith("mmstore_inference_")]
+    ours = [name for name in ours if "requests" not in name]
     assert ours and all(name in after for name in ours), set(ours) - after.keys()
 
 

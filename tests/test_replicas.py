@@ -26,8 +26,9 @@ from mmstore_client.offload import aoffload_messages
 from mmstore_client.render import Renderer, image_refs
 from mmstore_rollout import balancer as lb
 from mmstore_rollout.env import ShapesEnv
+from mmstore_rollout.service_metrics import scrape_replica
 from mmstore_rollout.stack import Service, Stack
-from mmstore_rollout.stats import LoopStats, scrape_replica
+from mmstore_rollout.stats import LoopStats
 from mmstore_rollout.worker import SYSTEM, RolloutWorker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -302,15 +302,15 @@ def test_stalled_uploads_do_not_hold_their_bytes(store):
 
 def test_the_smoke_runs_store_counters_read_what_the_store_exports(store):
     """rollout's smoke run reads the store's counters by the names the store exports (one list)."""
-    from mmstore_rollout.smoke import _service_counters
+    from mmstore_rollout.service_metrics import service_counters
 
     data = image_bytes(40, 30, seed=1607)
     url = f"{store.url}/v1/runs/names/blobs/{compute_digest(data)}"
-    before, _ = _service_counters(store.url, [])
+    before, _ = service_counters(store.url, [])
     for _ in range(2):  # stored, then deduplicated
         assert httpx.put(url, content=data).status_code in (200, 201)
     assert httpx.get(f"{store.url}/v1/blobs/{compute_digest(data)}").content == data
-    after, _ = _service_counters(store.url, [])
+    after, _ = service_counters(store.url, [])
     change = {k: after[k] - before[k] for k in after}
     assert change == {
         "blobs_created": 1,

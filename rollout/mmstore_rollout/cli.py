@@ -79,8 +79,9 @@ def run(
 ) -> None:
     """Run the loop end to end and print the summary; exit 1 if an invariant is broken."""
     from .env import ENVS
-    from .smoke import SmokeConfig, SmokeFailed, console, print_summary, run_smoke
+    from .smoke import SmokeConfig, SmokeFailed, run_smoke
     from .stack import ServiceFailed
+    from .summary import console, print_summary
 
     if env not in ENVS:
         raise typer.BadParameter(f"--env must be one of {', '.join(ENVS)}")
@@ -128,11 +129,11 @@ def up(
     replicas: Annotated[int, typer.Option(min=1, help="inference replicas; more than 1: behind nginx")] = 1,
 ) -> None:
     """Start mmstore and the inference service in the background (stop with `down`)."""
-    from mmstore_trainer.tiny_model import ensure_tiny_model
+    from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
     from .stack import Stack, write_state
 
-    model = model or ensure_tiny_model(Path(".cache/tiny-models/qwen2_vl"), "qwen2_vl")
+    model = model or ensure_default_tiny_model()
     stack = Stack(out)
     try:
         store = stack.start_store(out / "store-data")

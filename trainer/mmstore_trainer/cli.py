@@ -13,6 +13,7 @@ import typer
 from mmstore_client.truncate import TruncationPolicy
 
 from mmstore_trainer.config import MissingImagePolicy, Parallelism, TrainConfig
+from mmstore_trainer.tiny_model import TINY_FAMILY
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 _FIELDS = TrainConfig.model_fields
@@ -135,7 +136,7 @@ def train(
 @app.command("make-tiny-model")
 def make_tiny_model(
     path: Annotated[Path, typer.Argument(help="folder to create (kept if it already holds a model)")],
-    family: Annotated[str, typer.Option(help="qwen2_vl or qwen3_vl")] = "qwen2_vl",
+    family: Annotated[str, typer.Option(help="qwen2_vl or qwen3_vl")] = TINY_FAMILY,
     size: Annotated[
         str, typer.Option(help="tiny, or 2b: Qwen2-VL-2B's shapes, bf16, ~4.4 GB (qwen2_vl only; for a GPU)")
     ] = "tiny",

@@ -32,6 +32,13 @@ VOCAB_SIZE = 512  # special tokens take ids 0..6, then the 256 byte symbols, the
 SEED = 0
 SIZES = ("tiny", "2b")
 
+TINY_FAMILY = "qwen2_vl"
+"""The family of the default tiny model: what ``make smoke``, ``mmstore-smoke up``, the tests and
+the benches serve when given no model (its tiny model loads in vLLM as well as transformers)."""
+TINY_MODELS_DIR = Path(".cache") / "tiny-models"
+"""Where built models are kept, relative to the repository root (git-ignored, rebuilt on demand);
+one folder per model, named by :func:`tiny_model_folder`."""
+
 # Qwen2-VL-2B-Instruct's config.json (text and vision towers); token ids come from the tokenizer.
 QWEN2_VL_2B_TEXT = {
     "vocab_size": 151936,
@@ -309,8 +316,20 @@ def build_qwen2_vl_2b(path: Path) -> Path:
     return _build_atomic(path, "qwen2_vl", size="2b")
 
 
+def tiny_model_folder(name: str = TINY_FAMILY, root: Path = Path()) -> Path:
+    """The folder of the built model ``name`` (a family, or a family and a variant such as
+    ``qwen2_vl-2b``) under ``root``: the repository root; the default, the current folder, is where
+    ``make`` runs."""
+    return Path(root) / TINY_MODELS_DIR / name
+
+
+def ensure_default_tiny_model(root: Path = Path()) -> Path:
+    """The default tiny model (:data:`TINY_FAMILY`) under ``root``, built there on first use."""
+    return ensure_tiny_model(tiny_model_folder(TINY_FAMILY, root), TINY_FAMILY)
+
+
 def ensure_tiny_model(
-    path: Path, family: str = "qwen2_vl", size: str = "tiny", chat_template: str = CHAT_TEMPLATE
+    path: Path, family: str = TINY_FAMILY, size: str = "tiny", chat_template: str = CHAT_TEMPLATE
 ) -> Path:
     """Return ``path``, building the ``family`` model of ``size`` there first if it is absent.
 
