@@ -225,3 +225,34 @@ def test_long_tool_outputs_of_every_shape_render(tiny_qwen3_vl_instruct, output)
 
 
 _RENDERERS: dict = {}
+
+
+def test_qwen2_5_vl_tool_template_renders_text_turns_as_hf_and_refuses_images():
+    """Qwen2.5-VL-Instruct's tokenizer_config.json once carried the Qwen2.5 LLM's tool template
+    (tests/data/chat_templates/README.md): tools and tool calls, text contents only. Text turns
+    render as the HF processor renders them; image parts, which that template cannot take (it adds
+    each content to a string), are a RenderError naming the template, never a raw TypeError."""
+    from conftest import tiny_with_template
+
+    model = tiny_with_template("qwen2_vl", "qwen2_5_vl_tokenizer_tools")
+    images = Images()
+    messages = [
+        {"role": "user", "content": "Click the red shape."},
+        {"role": "assistant", "content": "", "tool_calls": [call("click", x=10, y=20)]},
+        {"role": "tool", "tool_call_id": "call_click", "content": "clicked"},
+        {"role": "assistant", "content": "Trying again.", "tool_calls": [call("screenshot")]},
+        {"role": "tool", "tool_call_id": "call_screenshot", "content": "a red square at (30, 5)"},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "Thanks."},
+    ]
+    renderer = FetchingRenderer(Renderer.from_pretrained(model), images)
+    out = renderer.render(messages, tools=TOOLS)
+    assert out.token_ids == hf_reference(model, messages, images, tools=TOOLS)[0]
+    text = renderer.tokenizer.decode(out.token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n")
+    assert '\n<tool_call>\n{"name": "click", "arguments": {"x": 10, "y": 20}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\nclicked\n</tool_response><|im_end|>" in text
+    screenshot = [{"role": "user", "content": [{"type": "text", "text": "Go."}, img(images.add(64, 48, 1))]}]
+    with pytest.raises(RenderError) as err:
+        renderer.render(screenshot, tools=TOOLS)
+    assert err.value.code == "template_error" and "text-only template" in str(err.value)

@@ -69,3 +69,28 @@ def test_engine_environment_leaves_the_sampler_alone_where_flashinfer_is_install
     env: dict[str, str] = {}
     engine_environment(on_gpu=True, env=env)
     assert env == {}
+
+
+def test_structural_tag_reaches_vllm_with_tojson_whitespace_and_a_bad_schema_is_refused():
+    """SamplingOptions.structural_tag becomes vLLM's structured outputs; its JSON-schema contents are
+    compiled with the separators of a chat template's tojson, and a schema xgrammar cannot compile
+    is the request's fault (EngineRejected), not an engine error."""
+    import json
+
+    from mmstore_client.chat_formats import chat_format
+
+    engine = Engine(InferenceSettings(model=Path("unused")))
+    tools = [{"type": "function", "function": {"name": "click", "parameters": {"type": "object"}}}]
+    tag = chat_format("qwen3_vl").tool_call_constraint(tools, "required")
+    params = engine.sampling_params(SamplingOptions(structural_tag=tag), set())
+    sent = json.loads(params.structured_outputs.structural_tag)
+    (call,) = sent["format"]["tags"]
+    assert (
+        call["begin"] == '<tool_call>\n{"name": "click", "arguments": '
+        and call["content"]["type"] == "grammar"
+    )
+    assert '", "' in call["content"]["grammar"] and '": "' in call["content"]["grammar"]
+    odd = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
+    bad = chat_format("qwen3_vl").tool_call_constraint(odd, "required")
+    with pytest.raises(EngineRejected, match="nonsense"):
+        engine.sampling_params(SamplingOptions(structural_tag=bad), set())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 
+import jsonschema
 import openai
 import pytest
 from conftest import ready_inference, tiny_with_template
@@ -18,6 +19,7 @@ from mmstore_client import StoreClient
 from mmstore_client.render import Renderer
 from support import FetchingRenderer, image_bytes
 from test_agent_render import TOOL_OUTPUT, TOOLS
+from test_chat_formats import ACT_TOOLS, hermes_call
 
 RUN = "agents"
 
@@ -154,6 +156,120 @@ def test_tool_choice_none_auto_and_parallel_calls_are_served(client, agent_model
     assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def forced(client, model, messages, tool_choice, **kw):
+    return client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=ACT_TOOLS,
+        tool_choice=tool_choice,
+        **({"max_tokens": 120, "temperature": 1.0, "seed": 11} | kw),
+    )
+
+
+def check_calls(choice, decode, names: set[str]) -> str:
+    """The choice called tools (finish_reason tool_calls), each one of ``names`` with arguments valid
+    under its schema, and its sampled ids are the model's own <tool_call> syntax of those calls,
+    newline-separated, then a stop token (the checkpoint's eos ids: <|im_end|> or <|endoftext|>).
+    Returns the sampled text before the stop token."""
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in ACT_TOOLS}
+    written = []
+    for call in choice.message.tool_calls:
+        assert call.function.name in names and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name] or {})
+        written.append(hermes_call(call.function.name, call.function.arguments))
+    *calls, stop = choice.token_ids
+    assert decode([stop]) in ("<|im_end|>", "<|endoftext|>")
+    text = decode(calls)
+    assert text == "\n".join(written)
+    return text
+
+
+def test_named_tool_choice_is_enforced_in_the_models_own_call_syntax(client, agent_model, renderer):
+    """tool_choice naming a function: every sample calls it once, arguments valid under its schema,
+    written as the template writes calls (not vLLM's bare JSON), and the renderer's render of the
+    returned assistant message has the same text as the sampled ids."""
+    model = agent_model.name
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Click it."}, screenshot(9)]}]
+    named = {"type": "function", "function": {"name": "click"}}
+    resp = forced(client, model, messages, named, n=3)
+    decode = renderer.tokenizer.decode
+    for choice in resp.choices:
+        text = check_calls(choice, decode, {"click"})
+        assert len(choice.message.tool_calls) == 1
+        answer = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [c.model_dump() for c in choice.message.tool_calls],
+        }
+        refs = as_refs(messages, resp.mmstore["offloaded"])
+        rendered = renderer.render(
+            [*refs, template_calls(answer)], tools=ACT_TOOLS, add_generation_prompt=False
+        ).token_ids
+        assert rendered[: len(resp.prompt_token_ids)] == resp.prompt_token_ids
+        assert decode(rendered[len(resp.prompt_token_ids) :]) == text + "<|im_end|>\n"
+    streamed = list(forced(client, model, messages, named, stream=True))
+    (last,) = streamed[-1].choices
+    assert last.finish_reason == "tool_calls" and last.delta.tool_calls[0].function.name == "click"
+
+
+def test_required_tool_choice_is_enforced_one_call_unless_parallel(client, agent_model, renderer):
+    model = agent_model.name
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Act."}, screenshot(10)]}]
+    decode = renderer.tokenizer.decode
+    names = {"click", "scroll", "screenshot"}
+    single = forced(client, model, messages, "required", parallel_tool_calls=False, n=4, seed=5)
+    for choice in single.choices:
+        check_calls(choice, decode, names)
+        assert len(choice.message.tool_calls) == 1
+    several = forced(client, model, messages, "required", n=4, seed=6, max_tokens=400)
+    assert all(check_calls(choice, decode, names) for choice in several.choices)
+    # the sampled call bridges into the next turn unchanged
+    (choice, *_) = several.choices
+    previous = [*several.prompt_token_ids, *choice.token_ids]
+    answer = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [c.model_dump() for c in choice.message.tool_calls],
+    }
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "done"} for c in choice.message.tool_calls]
+    nxt = forced(
+        client,
+        model,
+        [*messages, answer, *results],
+        "required",
+        extra_body={"mmstore": {"previous_token_ids": previous}},
+    )
+    assert nxt.mmstore["render"]["mode"] == "bridge" and nxt.prompt_token_ids[: len(previous)] == previous
+    check_calls(nxt.choices[0], decode, names)
+
+
+def test_a_tool_schema_the_grammar_cannot_compile_is_refused_and_the_engine_keeps_serving(
+    client, agent_model
+):
+    model = agent_model.name
+    go = [{"role": "user", "content": "Go."}]
+    odd = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}},
+            },
+        }
+    ]
+    _refused(
+        lambda: client.chat.completions.create(model=model, messages=go, tools=odd, tool_choice="required"),
+        "engine_rejected",
+        says="nonsense",
+    )
+    assert (
+        forced(client, model, go, {"type": "function", "function": {"name": "scroll"}})
+        .choices[0]
+        .message.tool_calls
+    )
+
+
 def test_chat_template_kwargs_reach_the_template(client, agent_model, renderer):
     messages = [{"role": "user", "content": [screenshot(3), {"type": "text", "text": "What?"}]}]
     resp = create(
@@ -179,11 +295,13 @@ def _refused(call, code: str, param: str | None = None, says: str | None = None)
 def test_refusals_name_the_message_and_part(client, agent_model):
     model = agent_model.name
     go = [{"role": "user", "content": [{"type": "text", "text": "Go."}, screenshot(4)]}]
+    unknown = {"type": "function", "function": {"name": "type_text"}}
     _refused(
-        lambda: create(client, model, go, tool_choice="required"), "unsupported_parameter", "tool_choice"
+        lambda: create(client, model, go, tool_choice=unknown),
+        "invalid_request",
+        "tool_choice",
+        says="'type_text', which tools does not define (tools: click, screenshot)",
     )
-    named = {"type": "function", "function": {"name": "click"}}
-    _refused(lambda: create(client, model, go, tool_choice=named), "unsupported_parameter", "tool_choice")
     _refused(
         lambda: client.chat.completions.create(model=model, messages=go, tool_choice="required"),
         "invalid_request",

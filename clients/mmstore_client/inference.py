@@ -37,6 +37,12 @@ class SamplingOptions(_Strict):
     allow_image_tokens: bool = Field(
         False, description="let the policy sample image special tokens (forbidden by default)"
     )
+    structural_tag: dict[str, Any] | None = Field(
+        None,
+        description="an xgrammar structural tag every completion must match (vLLM's structured "
+        "outputs), e.g. mmstore_client.chat_formats' tool_call_constraint; its JSON-schema contents "
+        "are written as chat templates' tojson writes JSON (', ' and ': ', no other whitespace)",
+    )
 
 
 class GenerateRequest(_Strict):

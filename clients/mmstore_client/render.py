@@ -195,13 +195,25 @@ class Renderer:
     def _template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, options: TemplateOptions
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            _template_messages(messages),
-            tools=options.tools,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **options.kwargs,
-        )
+        """The template's text; a template that fails on these messages is a ``RenderError``
+        (``template_error``), not a crash: e.g. a text-only template (Qwen2.5-VL's old
+        ``tokenizer_config.json`` one) given image parts, or its own ``raise_exception``."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                _template_messages(messages),
+                tools=options.tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **options.kwargs,
+            )
+        except (TemplateError, TypeError) as exc:
+            raise RenderError(
+                f"the model's chat template cannot render these messages ({type(exc).__name__}: {exc}); "
+                "a text-only template takes string contents only",
+                "template_error",
+            ) from None
 
     def _encode(
         self, text: str, descriptors: list[Descriptor], offset: int

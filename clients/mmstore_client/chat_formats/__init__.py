@@ -5,7 +5,14 @@ Qwen3.5), registered by HF model type in :mod:`.registry`, beside the image layo
 """
 
 from . import hermes, qwen3_xml  # noqa: F401  (each registers its model types)
-from .base import ChatFormat, ParsedCompletion, ToolCall, arguments_text, split_reasoning
+from .base import (
+    ChatFormat,
+    ParsedCompletion,
+    ToolCall,
+    arguments_text,
+    function_named,
+    split_reasoning,
+)
 from .registry import chat_format, known_model_types
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "ToolCall",
     "arguments_text",
     "chat_format",
+    "function_named",
     "known_model_types",
     "split_reasoning",
 ]

@@ -10,8 +10,9 @@ Content is the text before the first ``<tool_call>``, as vLLM's ``hermes`` parse
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from .base import ChatFormat, ToolCall, arguments_text
+from .base import ChatFormat, ToolCall, arguments_schema, arguments_text
 from .registry import register
 
 
@@ -27,3 +28,12 @@ class HermesFormat(ChatFormat):
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             raise ValueError("no string 'name'")
         return ToolCall(call["name"], arguments_text(call.get("arguments", {})))
+
+    def call_tag(self, function: dict[str, Any]) -> dict[str, Any]:
+        # as the templates write it: arguments by tojson, between the name and '}\n</tool_call>'
+        return {
+            "type": "tag",
+            "begin": f'<tool_call>\n{{"name": "{function["name"]}", "arguments": ',
+            "content": {"type": "json_schema", "json_schema": arguments_schema(function), "style": "json"},
+            "end": "}\n</tool_call>",
+        }

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
-from .base import ChatFormat, ToolCall
+from .base import ChatFormat, ToolCall, arguments_schema
 from .registry import register
 
 _FUNCTION = re.compile(r"^\s*<function=([^>\s]+)>(.*)</function>\s*$", re.DOTALL)
@@ -40,3 +41,16 @@ class Qwen3XmlFormat(ChatFormat):
             raise ValueError("no <function=name>...</function>")
         args = {name: _value(value) for name, value in _PARAMETER.findall(function.group(2))}
         return ToolCall(function.group(1), json.dumps(args, ensure_ascii=False))
+
+    def call_tag(self, function: dict[str, Any]) -> dict[str, Any]:
+        # xgrammar's qwen_xml style is this template's '<parameter=k>\nvalue\n</parameter>\n' list
+        return {
+            "type": "tag",
+            "begin": f"<tool_call>\n<function={function['name']}>\n",
+            "content": {
+                "type": "json_schema",
+                "json_schema": arguments_schema(function),
+                "style": "qwen_xml",
+            },
+            "end": "\n</function>\n</tool_call>",
+        }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import uuid
 from collections.abc import MutableMapping
@@ -30,6 +31,31 @@ from mmstore_client.inference import Completion, SamplingOptions
 from .settings import InferenceSettings
 
 FORBIDDEN_BIAS = float("-inf")  # logit bias that keeps a token from ever being sampled
+
+
+def tojson_contents(node: Any) -> Any:
+    """A structural tag whose plain-JSON contents allow only the whitespace of a chat template's
+    ``tojson`` (``json.dumps``: ``", "`` and ``": "``, nothing else).
+
+    xgrammar's ``json_schema`` content allows any whitespace between tokens (a structural tag has
+    no switch for it), so a model could write arguments its template never renders back; each is
+    replaced by the grammar xgrammar compiles from the same schema with ``any_whitespace=False``.
+    Raises ``EngineRejected`` for a schema xgrammar cannot compile.
+    """
+    if isinstance(node, list):
+        return [tojson_contents(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and node.get("style", "json") == "json":
+        import xgrammar
+
+        schema = node["json_schema"]
+        try:
+            grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise EngineRejected(f"JSON schema {json.dumps(schema)[:200]} not compiled: {exc}") from None
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {k: tojson_contents(v) for k, v in node.items()}
 
 
 class CheckpointUnreadable(RuntimeError):
@@ -175,9 +201,13 @@ class Engine:
 
     def sampling_params(self, options: SamplingOptions, forbidden_ids: set[int]) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         bias = None if options.allow_image_tokens else dict.fromkeys(forbidden_ids, FORBIDDEN_BIAS)
+        structured = None
+        if options.structural_tag is not None:
+            tag = json.dumps(tojson_contents(options.structural_tag))
+            structured = StructuredOutputsParams(structural_tag=tag)
         # the constructor only checks the values, so each ValueError is the request's fault: 0.26
         # raises plain ValueError for some of them (n over its maximum, top_k, min_tokens)
         with _client_errors(ValueError):
@@ -193,6 +223,7 @@ class Engine:
                 logit_bias=bias,
                 output_kind=RequestOutputKind.FINAL_ONLY,
                 detokenize=False,
+                structured_outputs=structured,
             )
 
     async def generate(self, prepared: Prepared, params: Any, request_id: str | None = None) -> Generated:

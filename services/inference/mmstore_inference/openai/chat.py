@@ -202,9 +202,11 @@ class OpenAIChat:
             raise ModelNotFound(message, param="model")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.parses_tool_calls and self.parser.format is None:
+            param = "tool_choice" if body.forces_tool_calls else "tools"
             raise unsupported(
-                "tools",
-                f"no tool-call format is known for model type {self.parser.model_type!r} (see the README)",
+                param,
+                f"no tool-call format is known for model type {self.parser.model_type!r}, so calls can "
+                "be neither parsed nor enforced (see the README)",
             )
         messages = [m.template_message() for m in body.messages]
         run = body.mmstore.run or self.settings.offload_run
@@ -213,7 +215,13 @@ class OpenAIChat:
         t_prepared = time.perf_counter()
         self.prepare_seconds.observe(t_prepared - started)
         ids = prompt.rendered.token_ids
-        sampling = sampling_for(body, len(ids), self.decoder.special, self.settings.max_model_len)
+        constraint = None
+        if body.forces_tool_calls:  # enforced in the family's own call syntax
+            assert body.template_tools is not None and body.template_tool_choice is not None
+            constraint = self.parser.tool_call_constraint(
+                body.template_tools, body.template_tool_choice, ids, parallel=body.parallel_tool_calls
+            )
+        sampling = sampling_for(body, len(ids), self.decoder.special, self.settings.max_model_len, constraint)
         result = await self._generate(prompt, sampling.options, request_id)
         choices = await self.prompts.on_tokenizer_thread(
             self.decoder.choices, result.samples, sampling.text_stops, sampling.stop_ids, body.stream

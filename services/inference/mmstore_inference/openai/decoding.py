@@ -108,6 +108,22 @@ class CompletionParser:
         Qwen's vocabulary, a few more in a small BPE)."""
         return self.thinking and self.decoder.text(prompt_ids[-16:]).rstrip().endswith("<think>")
 
+    def tool_call_constraint(
+        self,
+        tools: list[dict[str, Any]],
+        tool_choice: str | dict[str, Any],
+        prompt_ids: Sequence[int],
+        *,
+        parallel: bool | None,
+    ) -> dict[str, Any]:
+        """The structural tag enforcing ``tool_choice`` "required" or a named function in this
+        family's call syntax (after the reasoning, when the prompt opened ``<think>``)."""
+        if self.format is None:
+            raise ValueError(f"no tool-call format is known for model type {self.model_type!r}")
+        return self.format.tool_call_constraint(
+            tools, tool_choice, parallel=parallel is not False, opened_think=self.opened(prompt_ids)
+        )
+
     def parse(
         self, choices: list[DecodedChoice], prompt_ids: Sequence[int], *, tools: bool, parallel: bool | None
     ) -> list[ParsedCompletion]:

@@ -1,5 +1,7 @@
 """OpenAI's sampling parameters -> the service's :class:`SamplingOptions`.
 
+``tool_choice`` "required" or a named function arrives as ``structural_tag`` (the chat format's
+constraint, :meth:`.decoding.CompletionParser.tool_call_constraint`) and is enforced by vLLM.
 ``stop`` strings that are one special token (``<|im_end|>``) become stop token ids, the others
 are applied to the decoded text after sampling (:mod:`.decoding`). ``max_tokens`` defaults to
 what the context leaves; a request that leaves no room is refused before the engine sees it.
@@ -8,6 +10,7 @@ what the context leaves; a request that leaves no room is refused before the eng
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mmstore_client.inference import SamplingOptions
 from pydantic import ValidationError
@@ -24,7 +27,11 @@ class Sampling:
 
 
 def sampling_for(
-    body: ChatCompletionRequest, prompt_tokens: int, special: dict[str, int], max_model_len: int
+    body: ChatCompletionRequest,
+    prompt_tokens: int,
+    special: dict[str, int],
+    max_model_len: int,
+    structural_tag: dict[str, Any] | None = None,
 ) -> Sampling:
     text_stops = [s for s in body.stops if s not in special]
     stop_ids = [*(body.stop_token_ids or []), *(special[s] for s in body.stops if s in special)]
@@ -46,6 +53,7 @@ def sampling_for(
             stop_token_ids=stop_ids,
             logprobs=body.logprobs,
             allow_image_tokens=body.mmstore.allow_image_tokens,
+            structural_tag=structural_tag,
         )
     except ValidationError as exc:
         raise validation_error(exc) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from mmstore_client.chat_formats import function_named
 from mmstore_client.descriptor import Descriptor, ImageSpan
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -179,9 +180,13 @@ class ChatCompletionRequest(_Model):
     tools: list[Tool] | None = Field(
         None, description="rendered by the chat template; calls parsed per family"
     )
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="'required' and a named function are enforced in the model's own call syntax "
+        "(a structural tag from mmstore_client.chat_formats)",
+    )
     parallel_tool_calls: bool | None = Field(
-        None, description="false: only the first parsed call is returned"
+        None, description="false: one call at most (enforced with 'required', else the first parsed call)"
     )
     # accepted only when neutral
     frequency_penalty: float | None = None
@@ -200,15 +205,14 @@ class ChatCompletionRequest(_Model):
             raise unsupported("logit_bias", "not supported (the service bans image markup tokens itself)")
         if self.response_format and self.response_format.get("type") != "text":
             raise unsupported("response_format", "only {'type': 'text'} is supported")
-        if self.tool_choice not in (None, "none", "auto"):
+        if self.forces_tool_calls:
             if not self.tools:
-                raise invalid("tool_choice needs tools", "tool_choice")
-            raise unsupported(
-                "tool_choice",
-                "'required' and a named function are not enforced: the service samples through its "
-                "checked generate path, which does not carry vLLM's structured outputs; send 'auto' "
-                "and check the returned tool_calls",
-            )
+                raise invalid("tool_choice 'required' or a named function needs tools", "tool_choice")
+            if isinstance(self.tool_choice, NamedToolChoice):
+                try:
+                    function_named(self.template_tools or [], self.tool_choice.function.name)
+                except ValueError as exc:
+                    raise invalid(str(exc), "tool_choice") from None
         if self.modalities and self.modalities != ["text"]:
             raise unsupported("modalities", "only ['text'] output is supported")
         if self.top_logprobs and not self.logprobs:
@@ -221,6 +225,19 @@ class ChatCompletionRequest(_Model):
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template gets them (what ``apply_chat_template(tools=)`` takes)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def forces_tool_calls(self) -> bool:
+        """``tool_choice`` "required" or a named function: enforced by a constraint on sampling."""
+        return self.tool_choice not in (None, "none", "auto")
+
+    @property
+    def template_tool_choice(self) -> str | dict[str, Any] | None:
+        return (
+            self.tool_choice.model_dump()
+            if isinstance(self.tool_choice, NamedToolChoice)
+            else self.tool_choice
+        )
 
     @property
     def parses_tool_calls(self) -> bool:
