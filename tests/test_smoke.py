@@ -96,7 +96,7 @@ def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp
                     except Exception:
                         pass
                     time.sleep(0.2)
-            inference.stop(timeout=0.1)
+            inference.stop(grace=0.1)
 
         killer = threading.Thread(target=kill_when_busy)
         killer.start()

@@ -109,10 +109,10 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM to the process group; SIGKILL after ``grace`` seconds."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM to the process group; SIGKILL after ``grace`` seconds (default: its own)."""
         self._terminate()
-        self._reap()
+        self._reap(grace)
 
     def kill(self) -> None:
         """SIGKILL to the whole process group, as a crash (no graceful shutdown)."""
@@ -135,11 +135,11 @@ class Service:
         if self.alive():
             self._signal(signal.SIGTERM)
 
-    def _reap(self) -> None:
+    def _reap(self, grace: float | None = None) -> None:
         if self.proc is None:
             return
         try:
-            self.proc.wait(self.grace)
+            self.proc.wait(self.grace if grace is None else grace)
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             self.proc.wait()
