@@ -4,31 +4,29 @@ Each script is run as a file, so Python puts this folder first on ``sys.path`` a
 ``from benchlib import ...`` needs no package and no path juggling (``make bench`` runs them the
 same way). What lives here is what the scripts had each written for themselves: the machine
 description and load average stamped into every section, rewriting one marked section of
-``bench/RESULTS.md``, free ports, the servers they start (``mmstore serve``,
-``mmstore-inference serve``) in process groups and their cleanup on any exit, and the table
-and CLI boilerplate. The measurements and each section's wording stay in the scripts.
+``bench/RESULTS.md``, the engine settings of the servers they compare and the cleanup of those
+servers (started by the project's launcher, :mod:`mmstore_rollout.stack`) on any exit, and the
+table and CLI boilerplate. The measurements and each section's wording stay in the scripts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
 
-import httpx
 import typer
+from mmstore_rollout.stack import EngineOptions, Stack, on_gpu
 from rich.console import Console
 from rich.table import Table
 
@@ -188,20 +186,8 @@ def med(xs: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A loopback port the OS says is free now: no fixed port for concurrent runs to fight over."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def venv_cmd(name: str, module: str) -> list[str]:
-    """The command of a workspace entry point: the venv's script next to this interpreter, else
-    ``python -c`` on its Typer app (a checkout run without ``make install``)."""
-    exe = Path(sys.executable).parent / name
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", f"from {module} import app; app()"]
+# The servers are started by the project's one launcher, mmstore_rollout.stack (Service, Stack,
+# the builders, wait_ready); what is the benches' own is below.
 
 
 def open_env(**extra: str) -> dict[str, str]:
@@ -213,148 +199,30 @@ def open_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Processes:
-    """Servers a script started, each in its own session (process group); all stopped on exit.
+def bench_engine(
+    max_model_len: int = 4096, gpu_share: float = 0.4, cuda_graphs: bool | None = None
+) -> EngineOptions:
+    """vLLM's engine settings for every server a bench compares (the same for each of them), and
+    for ``inference_bench.py``'s in-process floor.
 
-    A group, because the servers fork: uvicorn's workers, nginx's worker, vLLM's engine
-    processes. Signalling the group leaves nothing running on the shared machine, also when a
-    parent dies before its children.
+    CPU: :meth:`EngineOptions.here <mmstore_rollout.stack.EngineOptions.here>` (float32, eager, a
+    tenth of RAM). GPU: bfloat16, ``gpu_share`` of the GPU's memory for each engine (two engines
+    share it). Eager unless ``cuda_graphs`` (default: ``MMSTORE_BENCH_EAGER=0``): CUDA graphs and
+    torch.compile then, a slower start and a shorter floor.
     """
-
-    def __init__(self, grace: float = 15) -> None:
-        self.grace = grace  # seconds a server gets after SIGTERM before SIGKILL
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start ``cmd`` with stdout and stderr in ``log`` (read back when it fails to start)."""
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        """Stop one server (the next one of a comparison must not share the cores with it)."""
-        self._stop([p])
-
-    def stop_all(self) -> None:
-        """Stop every server still running, together (vLLM's shutdown takes seconds each)."""
-        self._stop(list(self.procs))
-
-    def _stop(self, procs: list[subprocess.Popen]) -> None:
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(self.grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)  # leftovers of the group (a child whose parent died first)
-            if p in self.procs:
-                self.procs.remove(p)
+    if cuda_graphs is None:
+        cuda_graphs = os.environ.get("MMSTORE_BENCH_EAGER", "1") == "0"
+    engine = EngineOptions.here(max_model_len, cuda_graphs=cuda_graphs)
+    if on_gpu():
+        engine = dataclasses.replace(engine, dtype="bfloat16", gpu_memory_utilization=gpu_share)
+    return engine
 
 
-def _not_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> NoReturn:
-    if proc.poll() is not None:
-        raise RuntimeError(f"{url} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    """Poll ``url`` until it answers below 500 (nginx's root answers 403); fail with the log's
-    tail as soon as the server exits, instead of waiting out the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _not_ready(url, proc, log, timeout)
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        time.sleep(0.1)
-    _not_ready(url, proc, log, timeout)
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """:func:`wait_http` for the event loop, until a 200 (``/readyz`` answers 503 while vLLM
-    loads): the scripts wait for several servers at once while they load."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                _not_ready(url, proc, log, timeout)
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.5)
-    _not_ready(url, proc, log, timeout)
-
-
-def start_store(
-    procs: Processes, root: Path, log: Path, env: dict[str, str] | None = None, port: int | None = None
-) -> tuple[subprocess.Popen, str]:
-    """``mmstore serve`` on a free loopback port with ``root`` as its store; the process and its
-    base URL (wait for ``/healthz`` before using it)."""
-    port = port or free_port()
-    cmd = [*venv_cmd("mmstore", "mmstore.cli"), "serve", "--port", str(port), "--root", str(root)]
-    return procs.start(cmd, log, env=env), f"http://127.0.0.1:{port}"
-
-
-def on_gpu() -> bool:
-    """Whether vLLM and the trainer will run on a GPU here (the benches then use bf16, CUDA)."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def engine_settings(max_model_len: int = 4096, gpu_share: float = 0.4) -> dict:
-    """vLLM's engine settings for every server a bench compares (the same for each of them).
-
-    CPU: float32, eager, a tenth of RAM. GPU: bfloat16, ``gpu_share`` of the GPU's memory for
-    each engine (two engines share it), eager unless ``MMSTORE_BENCH_EAGER=0`` (CUDA graphs and
-    torch.compile then: a slower start, a shorter floor).
-    """
-    if not on_gpu():
-        cpu = dict(dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True)
-        return {**cpu, "max_model_len": max_model_len}
-    eager = os.environ.get("MMSTORE_BENCH_EAGER", "1") != "0"
-    gpu = dict(dtype="bfloat16", gpu_memory_utilization=gpu_share, enforce_eager=eager)
-    return {**gpu, "max_model_len": max_model_len}
-
-
-def engine_flags(max_model_len: int = 4096, gpu_share: float = 0.4) -> list[str]:
-    """:func:`engine_settings` as command-line flags (``mmstore-inference serve``, vLLM's server)."""
-    s = engine_settings(max_model_len, gpu_share)
-    flags = ["--enforce-eager"] if s["enforce_eager"] else []
-    flags += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"])]
-    return [*flags, "--max-model-len", str(s["max_model_len"]), "--dtype", s["dtype"]]
-
-
-def engine_text(max_model_len: int = 4096, gpu_share: float = 0.4) -> str:
-    """:func:`engine_settings` in words, for a section's Settings."""
-    s = engine_settings(max_model_len, gpu_share)
-    mode = "`enforce_eager`" if s["enforce_eager"] else "CUDA graphs + torch.compile"
-    cpu = ", `VLLM_CPU_KVCACHE_SPACE=1`" if not on_gpu() else " each"
-    return f"{s['dtype']}, {mode}, `gpu_memory_utilization={s['gpu_memory_utilization']}`{cpu}"
-
-
-def start_inference(
-    procs: Processes,
-    model: Path,
-    store_url: str,
-    log: Path,
-    env: dict[str, str] | None = None,
-    max_model_len: int = 4096,
-) -> tuple[subprocess.Popen, str]:
-    """``mmstore-inference serve`` of ``model`` on a free loopback port, fetching from
-    ``store_url``; the process and its base URL (wait for ``/readyz``: vLLM loads for minutes)."""
-    port = free_port()
-    cmd = [*venv_cmd("mmstore-inference", "mmstore_inference.cli"), "serve", "--model", str(model)]
-    cmd += ["--store", store_url, "--port", str(port), *engine_flags(max_model_len)]
-    return procs.start(cmd, log, env=env), f"http://127.0.0.1:{port}"
+def engine_text(engine: EngineOptions) -> str:
+    """``engine`` (:func:`bench_engine`) in words, for a section's Settings."""
+    mode = "`enforce_eager`" if engine.enforce_eager else "CUDA graphs + torch.compile"
+    share = ", `VLLM_CPU_KVCACHE_SPACE=1`" if not on_gpu() else " each"
+    return f"{engine.dtype}, {mode}, `gpu_memory_utilization={engine.gpu_memory_utilization}`{share}"
 
 
 def tiny_model() -> Path:
@@ -431,9 +299,7 @@ def interrupt_on(*signals: signal.Signals) -> None:
 
 
 @contextlib.contextmanager
-def cleanup(
-    procs: Processes, dirs: Sequence[Path], keep: bool, out: Console | None = console
-) -> Iterator[None]:
+def cleanup(stack: Stack, dirs: Sequence[Path], keep: bool, out: Console | None = console) -> Iterator[None]:
     """Around a run: on an interrupt exit with 130; always stop the servers and remove the
     temporary ``dirs`` (unless ``keep``, for their logs). ``out=None``: plain ``print``."""
     say: Callable[[str], None] = out.print if out is not None else print
@@ -443,7 +309,7 @@ def cleanup(
         say("[red]interrupted[/]" if out is not None else "interrupted")
         raise typer.Exit(130) from None
     finally:
-        procs.stop_all()
+        stack.stop()
         if keep:
             say("kept " + " and ".join(map(str, dirs)))
         else:

@@ -41,13 +41,12 @@ from benchlib import (
     RESULTS,
     KeepTmpOption,
     OutputOption,
-    Processes,
     WriteOption,
     add_to_path,
+    bench_engine,
     bench_model,
     cleanup,
     console,
-    engine_settings,
     engine_text,
     env_prefix,
     interrupt_on,
@@ -57,14 +56,12 @@ from benchlib import (
     md_table,
     med,
     model_text,
-    on_gpu,
     open_env,
     rich_table,
-    start_inference,
-    start_store,
-    wait_ready,
     write_section,
 )
+from mmstore_inference.settings import InferenceSettings
+from mmstore_rollout.stack import Stack, inference_service, on_gpu, store_service, wait_ready
 from rich.table import Table
 
 add_to_path("clients")  # mmstore_client, if the venv lacks it
@@ -72,7 +69,7 @@ add_to_path("clients")  # mmstore_client, if the venv lacks it
 RUN = "bench-inference"
 WARM_TARGET = 0.05  # warm overhead <= 5% of (b)'s latency
 COLD_TARGET_MS = 2.0  # cold overhead <= 2 ms per image plus transfer
-MAX_IMAGES = 16  # the service's default max_images_per_prompt
+MAX_IMAGES = InferenceSettings.model_fields["max_images_per_prompt"].default  # both paths' limit
 
 app = make_app(__doc__)
 
@@ -171,44 +168,9 @@ def render_conversations(renderer, store, images: list[list[list[bytes]]], tag: 
 # --------------------------------------------------------------------------- the two paths
 
 
-def engine_args(model: Path, max_model_len: int):
-    from vllm import AsyncEngineArgs
-
-    # what mmstore_inference.engine.Engine.start builds for the service's flags in this run
-    return AsyncEngineArgs(
-        model=str(model),
-        tokenizer=str(model),
-        logprobs_mode="processed_logprobs",
-        **engine_settings(max_model_len),
-        limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},
-        seed=0,
-        enable_prefix_caching=True,
-    )
-
-
-def sampling_params(max_tokens: int, forbidden: set[int]):
-    """The SamplingParams the service builds for ``SamplingOptions(max_tokens, temperature=0)``."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return SamplingParams(
-        n=1,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        seed=None,
-        stop_token_ids=None,
-        logprobs=0,
-        logit_bias=dict.fromkeys(forbidden, float("-inf")),
-        output_kind=RequestOutputKind.FINAL_ONLY,
-        detokenize=False,
-    )
-
-
 @dataclass
 class Paths:
-    llm: Any
+    llm: Any  # vLLM's AsyncLLM, built from the service's engine arguments
     client: Any  # AsyncInferenceClient
     params: Any
     max_tokens: int
@@ -509,6 +471,7 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
     decode_sum = sum(c["decode_ms"] for c in costs.values())
     get_sum = sum(c["get_ms"] for c in costs.values())
     gpu = info["gpu"]
+    es = st["engine_settings"]  # both paths' InferenceSettings
     lines = [
         "## Inference on a GPU" if gpu else "## Inference",
         "",
@@ -578,14 +541,16 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         "Settings:",
         "",
         f"- Model: {st['model']} (each image {st['tokens']}), {st['engine']}, "
-        f"max_model_len {st['max_model_len']}, prefix caching on, "
-        f"`logprobs_mode=processed_logprobs`, `limit_mm_per_prompt={{'image': {MAX_IMAGES}, 'video': 0}}`, "
-        "seed 0; (b) is built from the same `AsyncEngineArgs` the service builds.",
+        f"max_model_len {es.max_model_len}, prefix caching on, `logprobs_mode={es.logprobs_mode}`, "
+        f"`limit_mm_per_prompt={{'image': {es.max_images_per_prompt}, 'video': 0}}`, seed {es.seed}; (b) "
+        "runs on the `AsyncEngineArgs` the service builds (`mmstore_inference.engine.engine_args` of the "
+        "same settings).",
         f"- Workload: {st['convs']} conversations per image set x {st['turns']} turns, 2 new images per "
         "turn (a 1280x720 screenshot PNG and a 640x480 photo JPEG, the generators of "
         "`bench/layout_bench.py`), fixed user and assistant texts, each turn's request carrying the "
         f"whole conversation so far; greedy, max_tokens {st['max_tokens']}, logprobs on, image "
-        "markup tokens banned by logit_bias (the service's defaults, rebuilt for (b)).",
+        "markup tokens banned by logit_bias (the service's defaults; (b)'s `SamplingParams` are built by "
+        "the service's `Engine.sampling_params`).",
         f"- Cold: {st['cold_sets']} image set(s), never seen by either engine; one warm-up "
         "conversation with its own images runs first on each path (vLLM's first multimodal request "
         f"is slow). Warm: {st['warm_passes']} more pass(es) over the same conversations. Blocks of "
@@ -602,57 +567,56 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
 # --------------------------------------------------------------------------- main
 
 
-async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
+async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
     from mmstore_client import StoreClient, decode
     from mmstore_client.digest import compute_digest
-    from mmstore_client.inference import AsyncInferenceClient
+    from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
     from mmstore_client.layouts import Layout
+    from mmstore_client.placeholders import image_markup_ids
     from mmstore_client.render import Renderer
+    from mmstore_inference.engine import Engine, engine_args
 
     t_start = time.monotonic()
     load_before = loadavg()
     model = bench_model()
     gpu = on_gpu()
-    if gpu:  # (b)'s engine in this process runs on the GPU too: its sampler needs what the service sets
-        from mmstore_inference.engine import engine_environment
-
-        engine_environment(True)
+    # one set of engine settings for both paths: the service gets them as flags, (b) as the
+    # InferenceSettings the service parses them into (both read the same MMSTORE_INFERENCE_* rest)
+    engine = bench_engine(opts["max_model_len"], cuda_graphs=opts["cuda_graphs"])
+    settings = InferenceSettings(model=model, **engine.settings())
 
     # ---- store, then the service (on CPU its engine loads while ours does)
     env = open_env()
-    store_log = tmp / "mmstore.log"
-    p_store, store_url = start_store(procs, tmp / "root", store_log, env=env)
-    await wait_ready(f"{store_url}/healthz", p_store, store_log, 30)
-    inf_log = tmp / "inference.log"
-    inf_env = {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    p_inf, inf_url = start_inference(procs, model, store_url, inf_log, inf_env, opts["max_model_len"])
-    store_port, inf_port = store_url.rsplit(":", 1)[1], inf_url.rsplit(":", 1)[1]
-    console.print(f"store on :{store_port}, inference on :{inf_port} (log {inf_log}); building (b)'s engine")
+    store = stack.start(store_service(tmp, root=tmp / "root", env=env))
+    wait_ready([store], 30)
+    inference = stack.start(inference_service(model, store.url, tmp, engine=engine, env=env))
+    console.print(
+        f"store on :{store.port}, inference on :{inference.port} (log {inference.log}); building (b)'s engine"
+    )
 
     from vllm.v1.engine.async_llm import AsyncLLM
 
     t0 = time.monotonic()
-    llm = None
+    floor = Engine(settings)  # (b): the service's engine arguments and sampling parameters
     try:
         if gpu:  # one at a time: vLLM's memory profiling counts another engine's allocations as its own
-            await wait_ready(f"{inf_url}/readyz", p_inf, inf_log, 600)
+            wait_ready([inference], 600)
         # synchronous on purpose (the service's engine loads in its own process meanwhile): a
-        # Ctrl-C then interrupts it here, where a thread running it could not be interrupted
-        llm = AsyncLLM.from_engine_args(engine_args(model, opts["max_model_len"]))
+        # Ctrl-C then interrupts it here, where a thread running it (Engine.start) could not be
+        floor.llm = AsyncLLM.from_engine_args(engine_args(settings, gpu))
         console.print(f"(b) engine ready in {time.monotonic() - t0:.0f}s")
-        await wait_ready(f"{inf_url}/readyz", p_inf, inf_log, 400)
+        wait_ready([inference], 400)
         console.print(f"(a) service ready {time.monotonic() - t0:.0f}s after its start")
 
         # ---- workload: rendered once, outside any timing
-        store = StoreClient(store_url)
+        store_client = StoreClient(store.url)
         renderer = Renderer.from_pretrained(model)
         layout = Layout.from_pretrained(model)
-        tok = renderer.tokenizer
-        forbidden = {*tok.encode(layout.template_text, add_special_tokens=False), renderer.image_token_id}
+        greedy = SamplingOptions(max_tokens=opts["max_tokens"], temperature=0.0)
         paths = Paths(
-            llm,
-            AsyncInferenceClient(inf_url, timeout=300, retries=0),
-            sampling_params(opts["max_tokens"], forbidden),
+            floor.llm,
+            AsyncInferenceClient(inference.url, timeout=300, retries=0),
+            floor.sampling_params(greedy, image_markup_ids(renderer.tokenizer, layout)),
             opts["max_tokens"],
         )
         t0 = time.monotonic()
@@ -661,8 +625,10 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
             build_images(opts["convs"], opts["turns"], seed=1_000_000 * (k + 1))
             for k in range(opts["cold_sets"])
         ]
-        warm_conv = render_conversations(renderer, store, warmup_imgs, "warmup")[0]
-        convs = [c for k, s in enumerate(sets) for c in render_conversations(renderer, store, s, f"s{k}c")]
+        warm_conv = render_conversations(renderer, store_client, warmup_imgs, "warmup")[0]
+        convs = [
+            c for k, s in enumerate(sets) for c in render_conversations(renderer, store_client, s, f"s{k}c")
+        ]
         all_blobs = [b for s in [warmup_imgs, *sets] for conv in s for turn in conv for b in turn]
         for data in all_blobs:  # (b) gets the decoded images; decoding is not part of its latency
             paths.decoded[compute_digest(data)] = decode.decode_rgb(data)
@@ -696,17 +662,16 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         await paths.client.close()
 
         costs = per_image_costs(
-            store_url,
+            store.url,
             {
                 "1280x720 screenshot PNG": [turn[0] for s in sets for conv in s for turn in conv],
                 "640x480 photo JPEG": [turn[1] for s in sets for conv in s for turn in conv],
             },
         )
         transfer_ms = statistics.mean(c["get_ms"] for c in costs.values())
-        store.close()
+        store_client.close()
     finally:
-        if llm is not None:
-            llm.shutdown()
+        floor.shutdown()
 
     summaries = [summarize(p, samples, transfer_ms) for p in ("cold", "warm")]
     turns = {p: by_turn(samples, p) for p in ("cold", "warm")}
@@ -717,9 +682,10 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     import transformers
     import vllm
 
-    settings = {
+    report = {
         "model": model_text(model),
-        "engine": engine_text(opts["max_model_len"]),
+        "engine": engine_text(engine),
+        "engine_settings": settings,
         "load_before": load_before,
         "load_after": loadavg(),
         "versions": f"vLLM {vllm.__version__}, transformers {transformers.__version__}, "
@@ -729,12 +695,12 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         "command": f"{env_prefix()}python bench/inference_bench.py "
         f"--convs {opts['convs']} --turns {opts['turns']} --cold-sets {opts['cold_sets']} "
         f"--warm-passes {opts['warm_passes']} --max-tokens {opts['max_tokens']} --gap {opts['gap']:g} "
-        f"--max-model-len {opts['max_model_len']}",
+        f"--max-model-len {opts['max_model_len']}" + (" --cuda-graphs" if opts["cuda_graphs"] else ""),
     }
     if opts["write"]:
         info = machine()  # a GPU run has its own section: a CPU run never replaces its figures
         section = "inference_bench_gpu" if info["gpu"] else "inference_bench"
-        write_section(opts["output"], section, markdown(summaries, turns, costs, info, settings))
+        write_section(opts["output"], section, markdown(summaries, turns, costs, info, report))
         console.print(f"wrote the Inference section of {opts['output']}")
     console.print(f"done in {time.monotonic() - t_start:.0f}s; load average {loadavg()}")
 
@@ -748,6 +714,15 @@ def main(
     max_tokens: Annotated[int, typer.Option(help="tokens sampled per request (greedy)")] = 8,
     gap: Annotated[float, typer.Option(help="seconds between blocks (idle worker stops busy-polling)")] = 1.1,
     max_model_len: Annotated[int, typer.Option(help="vLLM max_model_len on both paths")] = 4096,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--eager",
+            help="CUDA graphs + torch.compile on both paths (enforce_eager off), or eager "
+            "(default: eager; MMSTORE_BENCH_EAGER=0: CUDA graphs)",
+            show_default=False,
+        ),
+    ] = None,
     output: OutputOption = RESULTS,
     write: WriteOption = True,
     keep_tmp: KeepTmpOption = False,
@@ -767,13 +742,14 @@ def main(
         max_tokens=max_tokens,
         gap=gap,
         max_model_len=max_model_len,
+        cuda_graphs=cuda_graphs,
         output=output,
         write=write,
     )
-    procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-infbench-"))
-    with cleanup(procs, [tmp], keep_tmp):
-        asyncio.run(bench(opts, procs, tmp))
+    stack = Stack(tmp)
+    with cleanup(stack, [tmp], keep_tmp):
+        asyncio.run(bench(opts, stack, tmp))
 
 
 if __name__ == "__main__":

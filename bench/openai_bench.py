@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 import random
 import signal
@@ -43,13 +42,11 @@ import typer
 from benchlib import (
     RESULTS,
     KeepTmpOption,
-    Processes,
+    bench_engine,
     bench_model,
     cleanup,
-    engine_flags,
     engine_text,
     env_prefix,
-    free_port,
     interrupt_on,
     loadavg,
     machine,
@@ -57,13 +54,10 @@ from benchlib import (
     md_table,
     med,
     model_text,
-    on_gpu,
-    start_inference,
-    start_store,
     utc_now,
-    wait_ready,
     write_section,
 )
+from mmstore_rollout.stack import Stack, inference_service, on_gpu, store_service, vllm_service, wait_ready
 from PIL import Image, ImageDraw, ImageFilter
 
 RUN = "bench-openai"
@@ -504,7 +498,7 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
+async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
     from mmstore_client import StoreClient
     from mmstore_client.render import Renderer, image_refs
 
@@ -523,33 +517,23 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         from mmstore_inference.engine import engine_environment
 
         engine_environment(True, env)
-    logs = {k: tmp / f"{k}.log" for k in ("store", "inference", "vllm")}
+    engine = bench_engine(opts["max_model_len"])
     urls: dict[str, str] = {}
-    p_store, urls["store"] = start_store(procs, tmp / "root", logs["store"], env)
-    await wait_ready(f"{urls['store']}/healthz", p_store, logs["store"], 30)
-    p_inf, urls["inference"] = start_inference(
-        procs, model, urls["store"], logs["inference"], env, opts["max_model_len"]
-    )
+    store_server = stack.start(store_service(tmp, root=tmp / "root", env=env))
+    wait_ready([store_server], 30)
+    urls["store"] = store_server.url
+    inference = stack.start(inference_service(model, urls["store"], tmp, engine=engine, env=env))
+    urls["inference"] = inference.url
     if gpu:  # one at a time: vLLM's memory profiling counts another engine's allocations as its own
-        await wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 600)
-    port = free_port()
-    urls["vllm"] = f"http://127.0.0.1:{port}"
-    vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    vllm_cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port)]
-    vllm_cmd += engine_flags(opts["max_model_len"])
-    vllm_cmd += [
-        "--limit-mm-per-prompt",
-        json.dumps({"image": opts["max_images"], "video": 0}),
-        "--logprobs-mode",
-        "processed_logprobs",
-    ]
-    vllm_cmd += ["--seed", "0", "--generation-config", "vllm", "--uvicorn-log-level", "warning"]
-    p_vllm = procs.start(vllm_cmd, logs["vllm"], env)
-    t0 = time.monotonic()
-    await asyncio.gather(
-        wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 600),
-        wait_ready(f"{urls['vllm']}/health", p_vllm, logs["vllm"], 600),
+        wait_ready([inference], 600)
+    vllm_args = ["--served-model-name", "tiny", "--logprobs-mode", "processed_logprobs", "--seed", "0"]
+    vllm_args += ["--generation-config", "vllm", "--uvicorn-log-level", "warning"]
+    vllm_server = stack.start(
+        vllm_service(model, tmp, engine=engine, max_images=opts["max_images"], args=vllm_args, env=env)
     )
+    urls["vllm"] = vllm_server.url
+    t0 = time.monotonic()
+    wait_ready([inference, vllm_server], 600)
     print(f"servers ready in {time.monotonic() - t0:.0f}s (logs in {tmp})", flush=True)
 
     store = StoreClient(urls["store"])
@@ -710,7 +694,7 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     info = {
         "gpu": gpu,
         "model": model_text(model),
-        "engine": engine_text(opts["max_model_len"]),
+        "engine": engine_text(engine),
         "long": long,
         "throughput": tp,
         "machine": machine_line(),
@@ -773,10 +757,10 @@ def main(
         output=output,
         write=write,
     )
-    procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-openaibench-"))
-    with cleanup(procs, [tmp], keep_tmp, out=None):  # plain print, as the rest of this script
-        asyncio.run(bench(opts, procs, tmp))
+    stack = Stack(tmp)
+    with cleanup(stack, [tmp], keep_tmp, out=None):  # plain print, as the rest of this script
+        asyncio.run(bench(opts, stack, tmp))
 
 
 if __name__ == "__main__":

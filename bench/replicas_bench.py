@@ -108,16 +108,15 @@ async def play(opts: dict, store_url: str, url: str, model: Path, run: str, affi
 def run_mode(opts: dict, mode: str, store_url: str, model: Path, tmp: Path) -> dict:
     from mmstore_rollout import balancer as lb
     from mmstore_rollout.service_metrics import replica_report, scrape_replica, totals
-    from mmstore_rollout.stack import Stack
+    from mmstore_rollout.stack import Stack, inference_replicas, wait_ready
 
     stack = Stack(tmp / mode)
     try:
         t = time.perf_counter()
-        replicas = stack.start_replicas(model, store_url, 2)
-        for r in replicas:
-            stack.wait_ready(r, 600)
-        balancer = stack.start_balancer([r.url for r in replicas])
-        stack.wait_ready(balancer, 30)
+        replicas = [stack.start(r) for r in inference_replicas(model, store_url, stack.workdir, 2)]
+        wait_ready(replicas, 600)
+        balancer = stack.start(lb.balancer_service([r.url for r in replicas], stack.workdir))
+        wait_ready([balancer], 30)
         print(f"[{mode}] 2 replicas ready in {time.perf_counter() - t:.0f}s", flush=True)
         before = {r.name: scrape_replica(r.url) for r in replicas}
         since = lb.log_length(balancer.access_log)
@@ -239,15 +238,15 @@ def bench(opts: dict, tmp: Path) -> None:
     import torch
     import transformers
     import vllm
-    from mmstore_rollout.stack import Stack
+    from mmstore_rollout.stack import Stack, store_service, wait_ready
     from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
     load_before = loadavg()
     model = ensure_default_tiny_model(ROOT)
     store_stack = Stack(tmp / "store")
     try:
-        store = store_stack.start_store(tmp / "store-data")
-        store_stack.wait_ready(store, 60)
+        store = store_stack.start(store_service(store_stack.workdir, root=tmp / "store-data"))
+        wait_ready([store], 60)
         results = {mode: run_mode(opts, mode, store.url, model, tmp) for mode in MODES}
     finally:
         store_stack.stop()

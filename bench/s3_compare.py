@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 import obstore
-from benchlib import Processes, open_env, start_store, wait_http
+from benchlib import open_env
+from mmstore_rollout.stack import Stack, store_service, wait_ready
 from obstore.store import HTTPStore, S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +239,7 @@ def _find(rows: list[S3Row], like: S3Row, path: str) -> S3Row:
 
 
 def run(
-    procs: Processes,
+    stack: Stack,
     tmp: Path,
     get_files: dict[str, list[tuple[str, Path]]],
     put_sizes: list[str],
@@ -259,17 +260,11 @@ def run(
     try:
         url = s3.bucket("store")
         bucket = url.removeprefix("s3://").split("/", 1)[0]
-        log = tmp / "mmstore-s3.log"
-        proc, base = start_store(procs, tmp / "root-s3", log, env=open_env(**s3.env, MMSTORE_STORAGE=url))
-        log_streamed = tmp / "mmstore-s3-streamed.log"
-        proc_streamed, base_streamed = start_store(
-            procs,
-            tmp / "root-s3-streamed",
-            log_streamed,
-            env=open_env(**s3.env, MMSTORE_STORAGE=url, MMSTORE_REDIRECT_MIN_BYTES="off"),
-        )
-        wait_http(f"{base}/healthz", proc, log)
-        wait_http(f"{base_streamed}/healthz", proc_streamed, log_streamed)
+        server = stack.start(store_service(tmp, storage=url, env=open_env(**s3.env), name="mmstore-s3"))
+        streamed_env = open_env(**s3.env, MMSTORE_REDIRECT_MIN_BYTES="off")
+        streamed = stack.start(store_service(tmp, storage=url, env=streamed_env, name="mmstore-s3-streamed"))
+        wait_ready([server, streamed], 30)
+        base, base_streamed = server.url, streamed.url
         gets: dict[str, list[tuple[str, int]]] = {}
         with httpx.Client(base_url=base, timeout=120) as client:
             for size, files in get_files.items():
@@ -300,8 +295,7 @@ def run(
                 direct, backend, http, http_streamed, gets, puts, concurrencies, duration, rounds, console
             )
         )
-        procs.stop(proc)
-        procs.stop(proc_streamed)
+        stack.stop(server, streamed)
         return rows, {"endpoint": s3.endpoint, "storage": url}
     finally:
         s3.stop()

@@ -34,7 +34,6 @@ from benchlib import (
     RESULTS,
     KeepTmpOption,
     OutputOption,
-    Processes,
     WriteOption,
     add_to_path,
     cleanup,
@@ -46,10 +45,9 @@ from benchlib import (
     md_table,
     open_env,
     rich_table,
-    start_store,
-    wait_http,
     write_section,
 )
+from mmstore_rollout.stack import Stack, store_service, wait_ready
 
 add_to_path("clients")
 from mmstore_client.digest import compute_digest  # noqa: E402
@@ -165,12 +163,12 @@ def disk_usage(root: Path) -> tuple[int, int]:
     return allocated, inodes
 
 
-def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploaders: int) -> None:
+def run_case(case: Case, tmp: Path, stack: Stack, concurrency: int, uploaders: int) -> None:
     root = tmp / f"root-{case.size}-{case.runs}"
-    log = tmp / f"store-{case.size}-{case.runs}.log"
     env = open_env(MMSTORE_WORKERS="2", MMSTORE_FSYNC="true", MMSTORE_GC_GRACE_SECONDS="0")
-    proc, base = start_store(procs, root, log, env=env)
-    wait_http(f"{base}/healthz", proc, log)
+    store = stack.start(store_service(tmp, root=root, env=env, name=f"store-{case.size}-{case.runs}"))
+    wait_ready([store], 30)
+    base = store.url
     f = case.figures
     offset = case.size * 10 + case.runs * 1_000_000_000  # distinct images across cases
     images = [png(offset + i) for i in range(case.size)]
@@ -180,7 +178,6 @@ def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploader
     fresh = (("during", d, compute_digest(d)) for d in map(png, itertools.count(offset + case.size)))
 
     async def measure() -> None:
-        nonlocal proc
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
             t = time.perf_counter()
@@ -204,14 +201,13 @@ def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploader
             r = await client.get(f"/v1/runs/{run0}/blobs", params={"limit": 50, "cursor": cursor})
             f["last page of 50 blobs (ms)"] = (time.perf_counter() - t) * 1e3
             assert len(r.json()["blobs"]) == 50
-        procs.stop(proc)
+        store.stop()
         f["index per image (bytes)"] = (root / "index.sqlite3").stat().st_size / case.size
         allocated, inodes = disk_usage(root)
         f["disk per image (bytes)"] = allocated / case.size
         f["inodes per image"] = inodes / case.size
         t = time.perf_counter()
-        proc, _ = start_store(procs, root, log, env=env, port=int(base.rsplit(":", 1)[1]))
-        wait_http(f"{base}/healthz", proc, log, timeout=600)
+        store.start(timeout=600)  # the same port and root
         f["restart (s)"] = time.perf_counter() - t
         async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
             doomed = sorted(set(run_of))[: max(1, case.runs // 2)]
@@ -243,7 +239,7 @@ def run_case(case: Case, tmp: Path, procs: Processes, concurrency: int, uploader
             f["WAL after GC (MB)"] = (wal.stat().st_size if wal.exists() else 0) / 1e6
 
     asyncio.run(measure())
-    procs.stop(proc)
+    stack.stop(store)
     f["image bytes (avg)"] = statistics.mean(len(d) for d in images)
     f["blobs after GC"] = sum(1 for p in (root / "blobs").rglob("*") if p.is_file())
 
@@ -340,16 +336,16 @@ def main(
     info = machine()
     load_before = loadavg()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-scale-"))  # the store's roots: the real disk
-    procs = Processes(grace=15)
+    stack = Stack(tmp)
     cases = []
     started = time.monotonic()
-    with cleanup(procs, [tmp], keep_tmp):
+    with cleanup(stack, [tmp], keep_tmp):
         for runs in layout_list:
             for size in size_list:
                 case = Case(size, runs)
                 console.print(f"{size:,} images in {runs} run(s) ...")
                 t = time.monotonic()
-                run_case(case, tmp, procs, concurrency, uploaders)
+                run_case(case, tmp, stack, concurrency, uploaders)
                 console.print(f"  done in {time.monotonic() - t:.0f} s: {json.dumps(case.figures)}")
                 cases.append(case)
     minutes = (time.monotonic() - started) / 60

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,22 +37,18 @@ import typer
 from benchlib import (
     RESULTS,
     KeepTmpOption,
-    Processes,
+    bench_engine,
     cleanup,
-    engine_flags,
-    free_port,
     interrupt_on,
     loadavg,
     make_app,
     md_table,
     med,
-    start_inference,
-    start_store,
     tiny_model,
     utc_now,
-    wait_ready,
     write_section,
 )
+from mmstore_rollout.stack import Stack, inference_service, store_service, vllm_service, wait_ready
 from openai_bench import Conversation, data_uri, machine_line, photo_jpeg, screenshot_png
 
 RUN = "bench-stock-vllm"
@@ -206,7 +201,7 @@ def markdown(results: list[Result], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
+async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
     import torch
     import transformers
     import vllm
@@ -217,29 +212,20 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
     model = tiny_model()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSTORE_")}
     env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    logs = {k: tmp / f"{k}.log" for k in ("store", "inference", "vllm")}
-    urls: dict[str, str] = {}
-    p_store, urls["store"] = start_store(procs, tmp / "root", logs["store"], env)
-    await wait_ready(f"{urls['store']}/healthz", p_store, logs["store"], 30)
-    p_inf, urls["inference"] = start_inference(procs, model, urls["store"], logs["inference"], env)
-    port = free_port()
-    urls["vllm"] = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--enable-scale-out", *engine_flags()]
-    cmd += ["--limit-mm-per-prompt", json.dumps({"image": 2 * opts["turns"]}), "--seed", "0"]
-    cmd += ["--uvicorn-log-level", "warning"]
-    vllm_env = env | {
-        "VLLM_MEDIA_CONNECTOR": "mmstore",
-        "MMSTORE_URL": urls["store"],
-        "MMSTORE_MODEL": str(model),
-    }
-    p_vllm = procs.start(cmd, logs["vllm"], vllm_env)
-    await asyncio.gather(
-        wait_ready(f"{urls['inference']}/readyz", p_inf, logs["inference"], 600),
-        wait_ready(f"{urls['vllm']}/health", p_vllm, logs["vllm"], 600),
+    engine = bench_engine()
+    store_server = stack.start(store_service(tmp, root=tmp / "root", env=env))
+    wait_ready([store_server], 30)
+    inference = stack.start(inference_service(model, store_server.url, tmp, engine=engine, env=env))
+    args = ["--seed", "0", "--uvicorn-log-level", "warning"]
+    images = 2 * opts["turns"]
+    plugin = vllm_service(
+        model, tmp, engine=engine, store_url=store_server.url, max_images=images, args=args, env=env
     )
+    stack.start(plugin)
+    wait_ready([inference, plugin], 600)
     print(f"servers ready (logs in {tmp})", flush=True)
-    pids = {"vllm": p_vllm.pid, "inference": p_inf.pid}  # each leads its own session
+    urls = {"store": store_server.url, "inference": inference.url, "vllm": plugin.url}
+    pids = {"vllm": plugin.proc.pid, "inference": inference.proc.pid}  # each leads its own session
 
     store = StoreClient(urls["store"])
     renderer = Renderer.from_pretrained(model)
@@ -301,10 +287,10 @@ def main(
     """Measure stock vLLM + plugin (refs, data URIs) against mmstore-inference; print and record it."""
     interrupt_on(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     opts = dict(convs=convs, turns=turns, max_tokens=max_tokens, gap=gap, output=output, write=write)
-    procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-stockbench-"))
-    with cleanup(procs, [tmp], keep_tmp, out=None):
-        asyncio.run(bench(opts, procs, tmp))
+    stack = Stack(tmp)
+    with cleanup(stack, [tmp], keep_tmp, out=None):
+        asyncio.run(bench(opts, stack, tmp))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,9 @@ import typer
 from benchlib import (
     RESULTS,
     OutputOption,
-    Processes,
     add_to_path,
     cleanup,
     console,
-    free_port,
     interrupt_on,
     loadavg,
     machine,
@@ -50,11 +48,9 @@ from benchlib import (
     md_table,
     open_env,
     rich_table,
-    start_store,
-    venv_cmd,
-    wait_http,
     write_section,
 )
+from mmstore_rollout.stack import Service, Stack, entry_point, free_port, store_service, wait_ready
 from rich.table import Table
 
 add_to_path("clients")  # mmstore_client, if the venv lacks it
@@ -496,13 +492,13 @@ def main(
     interrupt_on(signal.SIGTERM, signal.SIGHUP)  # unwind through the finally blocks
     t_start = time.monotonic()
     ensure_tools()
-    procs = Processes(grace=10)
     tmp = Path(tempfile.mkdtemp(prefix="mmstore-bench-"))  # servers' roots: the real disk
+    stack = Stack(tmp)
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     imgs = Path(tempfile.mkdtemp(prefix="mmstore-bench-img-", dir=shm))  # PUT bodies: tmpfs
     load_before = loadavg()
     results: list[Result] = []
-    with cleanup(procs, [tmp, imgs], keep_tmp):
+    with cleanup(stack, [tmp, imgs], keep_tmp):
         # ---- images
         t0 = time.monotonic()
         get_sets = {
@@ -547,8 +543,11 @@ def main(
             )
             nginx_cmd = [nginx_bin(), "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
             console.print(f"[bold]nginx w{workers}[/] on :{port}")
-            p = procs.start(nginx_cmd, tmp / f"nginx-w{workers}.log")
-            wait_http(f"http://127.0.0.1:{port}/", p, tmp / f"nginx-w{workers}.log")
+            # ready once it serves a blob (its root, /, answers 403)
+            first = f"/v1/blobs/{next(iter(get_sets.values())).digests[0]}"
+            name = f"nginx-w{workers}"
+            nginx = Service(name, nginx_cmd, port, tmp / f"{name}.log", ready_path=first)
+            wait_ready([stack.start(nginx)], 30)
             get_servers.append((f"nginx w{workers}", dict.fromkeys(get_sets, f"http://127.0.0.1:{port}")))
 
         # ---- the ceiling of one uvicorn worker (a bare ASGI app, constant body from memory)
@@ -560,9 +559,9 @@ def main(
                 sys.executable, "-m", "uvicorn", "ceiling_app:app", "--app-dir", str(tmp), "--port",
                 str(port), "--no-access-log", "--log-level", "warning",
             ]  # fmt: skip
-            log = tmp / f"ceiling-{size}.log"
-            p = procs.start(cmd, log, env=open_env(CEILING_BYTES=str(round(s.mean_size))))
-            wait_http(f"http://127.0.0.1:{port}/", p, log)
+            env = open_env(CEILING_BYTES=str(round(s.mean_size)))
+            app_ = Service(f"ceiling-{size}", cmd, port, tmp / f"ceiling-{size}.log", env, ready_path="/")
+            wait_ready([stack.start(app_)], 30)
             ceiling[size] = f"http://127.0.0.1:{port}"
         get_servers.append((CEILING, ceiling))
 
@@ -582,9 +581,10 @@ def main(
                 MMSTORE_FSYNC="true",
             )
             console.print(f"[bold]{label}[/] on :{port} (workers={workers}, fast_blob_path={fast})")
-            log = tmp / f"mmstore-{workers}-{int(fast)}.log"
-            p, base = start_store(procs, root, log, env=env, port=port)
-            wait_http(f"{base}/healthz", p, log)
+            name = f"mmstore-{workers}-{int(fast)}"
+            server = stack.start(store_service(tmp, root=root, port=port, env=env, name=name))
+            wait_ready([server], 30)
+            base = server.url
 
             if do_put:
                 for s in put_sets.values():
@@ -669,14 +669,14 @@ def main(
         for r in results:
             if r.errors and "errors" not in r.note:
                 r.note += f"; {r.errors} errors (non-2xx/socket)"
-        procs.stop_all()  # the S3 case must not share the machine with these
+        stack.stop()  # the S3 case must not share the machine with these
 
         # ---- the S3 backend on moto, against the same operations straight on the S3 server
         s3_rows: list = []
         if s3:
             console.print("[bold]mmstore on S3 (moto) vs direct S3[/]")
             s3_rows, _ = s3_compare.run(
-                procs,
+                stack,
                 tmp,
                 {size: list(zip(s.digests, s.files, strict=True)) for size, s in get_sets.items()},
                 list(put_sets),
@@ -689,7 +689,7 @@ def main(
             )
 
         # ---- report
-        mmstore = venv_cmd("mmstore", "mmstore.cli")
+        mmstore = entry_point("mmstore", "mmstore.cli")
         order = {"GET": 0, "PUT new": 1, "PUT dedup": 2}
         servers = ["nginx w1", "nginx w2", CEILING, "mmstore w1", "mmstore w2", "mmstore w1 no-fastpath"]
         results.sort(key=lambda r: (order[r.op], r.size != "100KB", servers.index(r.server)))

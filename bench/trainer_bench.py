@@ -48,18 +48,16 @@ from benchlib import (
     RESULTS,
     ROOT,
     OutputOption,
-    Processes,
     add_to_path,
     bench_model,
     cpu_model,
     loadavg,
     make_app,
     md_table,
-    start_store,
     utc_now,
-    wait_http,
     write_section,
 )
+from mmstore_rollout.stack import store_service
 
 add_to_path("clients", "trainer", "services/mmstore")  # run from a checkout without installing
 
@@ -77,14 +75,11 @@ def store_process(tmp: Path) -> Iterator[str]:
     path = os.pathsep.join(
         [str(ROOT / "services/mmstore"), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]
     )
-    procs = Processes(grace=10)
+    server = store_service(tmp, root=tmp / "store", env={**os.environ, "PYTHONPATH": path}).start()
     try:
-        log = tmp / "mmstore.log"
-        proc, url = start_store(procs, tmp / "store", log, env={**os.environ, "PYTHONPATH": path})
-        wait_http(f"{url}/healthz", proc, log, timeout=60)
-        yield url
+        yield server.url
     finally:
-        procs.stop_all()
+        server.stop()
 
 
 # --------------------------------------------------------------------------- model

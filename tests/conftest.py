@@ -1,21 +1,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import FetchingRenderer, S3Server, ServerProcess, store_process
+from mmstore_rollout.stack import Service, free_port, inference_service, store_service
+from support import FetchingRenderer, S3Server, store_env, store_process
 
 TOKENS = '{"reader": ["read"], "writer": ["write"], "admin": ["admin"]}'
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory) -> ServerProcess:
+def store(tmp_path_factory) -> Service:
     """One real open (loopback) mmstore process for the session."""
     server = store_process(tmp_path_factory.mktemp("store") / "data").start()
     yield server
@@ -23,7 +24,7 @@ def store(tmp_path_factory) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def auth_store(tmp_path_factory) -> ServerProcess:
+def auth_store(tmp_path_factory) -> Service:
     """A real mmstore process with read / write / admin tokens."""
     server = store_process(tmp_path_factory.mktemp("authstore") / "data", tokens=TOKENS).start()
     yield server
@@ -76,35 +77,15 @@ def tiny_qwen3_vl_thinking() -> Path:
     return tiny_with_template("qwen3_vl", "qwen3_vl_thinking")
 
 
-def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str) -> ServerProcess:
-    from support import VENV_BIN, free_port
-
-    port = free_port()
-    return ServerProcess(
-        [
-            str(VENV_BIN / "mmstore-inference"),
-            "serve",
-            "--model",
-            str(model_dir),
-            "--store",
-            store_url,
-            "--port",
-            str(port),
-            "--enforce-eager",
-            "--gpu-memory-utilization",
-            "0.1",
-            "--max-model-len",
-            "4096",
-        ],
-        port,
-        # 24 images per prompt: the 20-turn agreement test carries 21
-        env={"VLLM_CPU_KVCACHE_SPACE": "1", "MMSTORE_INFERENCE_MAX_IMAGES_PER_PROMPT": "24", **env},
-        log=log_dir / f"inference-{port}.log",
-    )
+def inference_process(model_dir: Path, store_url: str, log_dir: Path, **env: str) -> Service:
+    """``mmstore-inference serve`` (unstarted) with the launcher's CPU engine settings."""
+    # 24 images per prompt: the 20-turn agreement test carries 21
+    env = {**os.environ, "MMSTORE_INFERENCE_MAX_IMAGES_PER_PROMPT": "24", **env}
+    return inference_service(model_dir, store_url, log_dir, env=env)
 
 
 @pytest.fixture(scope="session")
-def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
+def inference(tiny_qwen2_vl, store, tmp_path_factory) -> Service:
     """One real `mmstore-inference serve` (vLLM CPU, tiny Qwen2-VL) for the session, on the store."""
     with ready_inference(tiny_qwen2_vl, store.url, tmp_path_factory.mktemp("inference")) as server:
         yield server
@@ -112,18 +93,10 @@ def inference(tiny_qwen2_vl, store, tmp_path_factory) -> ServerProcess:
 
 @contextlib.contextmanager
 def ready_inference(model_dir: Path, store_url: str, log_dir: Path):
-    """An inference process, once its engine is ready; stopped on exit."""
-    import httpx
-
+    """An inference process, once its engine is ready (/readyz); stopped on exit."""
     server = inference_process(model_dir, store_url, log_dir)
     try:
-        server.start(timeout=300)
-        deadline = time.monotonic() + 600
-        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, f"inference engine not ready, see {server.log}"
-            assert server.proc.poll() is None, f"inference exited, see {server.log}"
-            time.sleep(1)
-        yield server
+        yield server.start(timeout=900)
     finally:
         server.stop()
 
@@ -133,17 +106,9 @@ def ready_inference(model_dir: Path, store_url: str, log_dir: Path):
 
 def s3_store_process(s3: S3Server, url: str, log_dir: Path, *, tokens: str | None = None, **env: str):
     """``mmstore serve --storage s3://...`` against ``s3`` (the AWS_* variables point at it)."""
-    from support import free_port
-
     port = free_port()
-    extra = {**s3.env, **({"MMSTORE_TOKENS": tokens} if tokens else {})}
-    extra.update({f"MMSTORE_{k.upper()}": v for k, v in env.items()})
-    return ServerProcess(
-        [str(Path(sys.executable).parent / "mmstore"), "serve", "--port", str(port), "--storage", url],
-        port,
-        env=extra,
-        log=log_dir / f"mmstore-s3-{port}.log",
-    )
+    env = {**store_env(tokens, **env), **s3.env}
+    return store_service(log_dir, storage=url, port=port, env=env, name=f"mmstore-s3-{port}")
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +119,7 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_store(s3_server, tmp_path_factory) -> ServerProcess:
+def s3_store(s3_server, tmp_path_factory) -> Service:
     """One real open (loopback) mmstore process on a bucket, for the session."""
     server = s3_store_process(s3_server, s3_server.bucket(), tmp_path_factory.mktemp("s3store")).start()
     yield server
@@ -162,7 +127,7 @@ def s3_store(s3_server, tmp_path_factory) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def s3_auth_store(s3_server, tmp_path_factory) -> ServerProcess:
+def s3_auth_store(s3_server, tmp_path_factory) -> Service:
     """An mmstore process on its own bucket with read / write / admin tokens."""
     log_dir = tmp_path_factory.mktemp("s3authstore")
     server = s3_store_process(s3_server, s3_server.bucket(), log_dir, tokens=TOKENS).start()

@@ -5,67 +5,13 @@ from __future__ import annotations
 import io
 import os
 import random
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-from mmstore_rollout.stack import Service, free_port
+from mmstore_rollout.stack import BIN, Service, free_port, store_service
 from PIL import Image
 
-VENV_BIN = Path(sys.executable).parent
-
-
-class ServerProcess:
-    """A real service process (``argv``) on a free port, started by the test; once started, the
-    stack's :class:`~mmstore_rollout.stack.Service` (own process group: stopping it also stops its
-    children, vLLM's engine processes)."""
-
-    def __init__(
-        self,
-        argv: list[str],
-        port: int,
-        env: dict[str, str] | None = None,
-        log: Path | None = None,
-        health: str = "/healthz",  # vLLM's own server answers /health
-    ):
-        self.argv, self.port, self.log, self.health = argv, port, log, health
-        self.env = {**os.environ, **(env or {})}
-        self.url = f"http://127.0.0.1:{port}"
-        self.service: Service | None = None
-
-    @property
-    def proc(self) -> subprocess.Popen | None:
-        return self.service.proc if self.service else None
-
-    def start(self, timeout: float = 60.0) -> ServerProcess:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.service = Service(Path(self.argv[0]).name, self.url, proc, self.log or Path(os.devnull))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.argv} exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}{self.health}", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise TimeoutError(f"{self.argv} not healthy after {timeout}s")
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, as a crash."""
-        if self.service:
-            self.service.kill()
-
-    def stop(self) -> None:
-        if self.service:
-            self.service.stop(timeout=10)
-
+VENV_BIN = BIN  # the venv's entry points, for the tests' one-shot commands (mmstore fsck, ...)
 
 # -- an S3-compatible server (moto's server mode), for the S3 backend's tests and benchmark ---------
 
@@ -92,34 +38,21 @@ class S3Server:
     """A moto S3 server process on a free loopback port; ``bucket()`` makes a fresh bucket."""
 
     def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
         self.env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": self.endpoint,
         }
-        self.log = log
-        self.proc = None
+        argv = [sys.executable, "-c", _MOTO_SERVER, str(port)]
+        self.service = Service("moto", argv, port, log, ready_path="/moto-api/", grace=10)
         self._buckets = 0
 
     def start(self, timeout: float = 60.0) -> S3Server:
-        out = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _MOTO_SERVER, str(self.port)], stdout=out, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited, see {self.log}")
-            try:
-                httpx.get(f"{self.endpoint}/moto-api/", timeout=1)
-                return self
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"moto server did not start, see {self.log}") from None
-                time.sleep(0.1)
+        self.service.start(timeout)
+        return self
 
     @property
     def config(self) -> dict[str, str]:
@@ -151,22 +84,22 @@ class S3Server:
         return f"s3://{name}/{prefix}"
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        self.service.stop()
 
 
-def store_process(root: Path, *, tokens: str | None = None, **env: str) -> ServerProcess:
-    port = free_port()
+def store_env(tokens: str | None = None, **settings: str) -> dict[str, str]:
+    """This environment with the store's ``MMSTORE_*`` settings (``workers="2"``) and tokens."""
     extra = {"MMSTORE_TOKENS": tokens} if tokens else {}
-    extra.update({f"MMSTORE_{k.upper()}": v for k, v in env.items()})
-    mmstore = shutil.which("mmstore", path=str(VENV_BIN)) or "mmstore"
-    return ServerProcess(
-        [mmstore, "serve", "--port", str(port), "--root", str(root)],
-        port,
-        env=extra,
-        log=root.parent / f"mmstore-{port}.log",
-    )
+    return {**os.environ, **extra, **{f"MMSTORE_{k.upper()}": v for k, v in settings.items()}}
+
+
+def store_process(
+    root: Path, *, port: int | None = None, tokens: str | None = None, **settings: str
+) -> Service:
+    """``mmstore serve`` on ``root`` (unstarted; ``.start()`` waits for /healthz), its log beside it."""
+    port = port or free_port()
+    env = store_env(tokens, **settings)
+    return store_service(root.parent, root=root, port=port, env=env, name=f"mmstore-{port}")
 
 
 def image_bytes(

@@ -92,7 +92,7 @@ def test_readyz_says_the_engine_is_loading(tiny_qwen2_vl, store, tmp_path):
 
     server = inference_process(tiny_qwen2_vl, store.url, tmp_path)
     try:
-        server.start(timeout=300)  # /healthz answers while the engine loads (about a minute here)
+        server.start(timeout=300, path="/healthz")  # answers while the engine loads (about a minute here)
         ready = httpx.get(f"{server.url}/readyz", timeout=5)
         assert ready.status_code == 503 and ready.headers["retry-after"]
         error = ready.json()["error"]
@@ -112,7 +112,7 @@ def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tiny_qwen2_v
     server = inference_process(broken, store.url, tmp_path)
     try:
         with contextlib.suppress(RuntimeError):  # it may exit before /healthz is first asked
-            server.start(timeout=300)
+            server.start(timeout=300, path="/healthz")
         deadline = time.monotonic() + 600
         while server.proc.poll() is None:
             assert time.monotonic() < deadline, f"still running with a truncated checkpoint, see {server.log}"

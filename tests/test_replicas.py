@@ -27,7 +27,7 @@ from mmstore_client.render import Renderer, image_refs
 from mmstore_rollout import balancer as lb
 from mmstore_rollout.env import ShapesEnv
 from mmstore_rollout.service_metrics import scrape_replica
-from mmstore_rollout.stack import Service, Stack
+from mmstore_rollout.stack import Service, Stack, inference_replicas, wait_ready
 from mmstore_rollout.stats import LoopStats
 from mmstore_rollout.worker import SYSTEM, RolloutWorker
 
@@ -78,8 +78,9 @@ def test_balancer_starts_in_a_relative_run_folder(tmp_path, monkeypatch):
     reads ``-c`` and every path of its configuration relative to ``-p``) must still find its files."""
     monkeypatch.chdir(tmp_path)
     with Stack(Path("runs/smoke/services")) as stack:  # as run_smoke builds it from the default --out
-        balancer = stack.start_balancer(["http://127.0.0.1:9", "http://127.0.0.1:10"])
-        stack.wait_ready(balancer, 30)
+        replicas = ["http://127.0.0.1:9", "http://127.0.0.1:10"]
+        balancer = stack.start(lb.balancer_service(replicas, stack.workdir))
+        wait_ready([balancer], 30)
         assert httpx.get(f"{balancer.url}{lb.HEALTH_PATH}", timeout=5).text == "ok\n"
         assert balancer.access_log == tmp_path / "runs/smoke/services/balancer/access.log"
     assert (tmp_path / "runs/smoke/services/balancer/nginx.conf").is_file()
@@ -128,13 +129,12 @@ class Cluster:
 def cluster(store, tiny_qwen2_vl, tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("replicas"))
     try:
-        replicas = stack.start_replicas(tiny_qwen2_vl, store.url, 2)  # both engines load at once
-        for replica in replicas:
-            stack.wait_ready(replica, 600)
+        replicas = [stack.start(r) for r in inference_replicas(tiny_qwen2_vl, store.url, stack.workdir, 2)]
+        wait_ready(replicas, 600)  # both engines load at once
         balancer = None
         if _nginx():
-            balancer = stack.start_balancer([r.url for r in replicas])
-            stack.wait_ready(balancer, 30)
+            balancer = stack.start(lb.balancer_service([r.url for r in replicas], stack.workdir))
+            wait_ready([balancer], 30)
         yield Cluster(store.url, replicas, balancer, stack)
     finally:
         stack.stop()

@@ -66,14 +66,13 @@ def test_smoke_loop_against_stock_vllm_with_the_plugin(store, tiny_qwen2_vl, tmp
 
 
 def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp_path):
-    from mmstore_rollout.stack import Stack
+    from mmstore_rollout.stack import Stack, inference_service, store_service, wait_ready
 
     out = tmp_path / "run"
     with Stack(out / "services") as stack:
-        store = stack.start_store(out / "store-data")
-        inference = stack.start_inference(tiny_qwen2_vl, store.url)
-        for service in stack.services:
-            stack.wait_ready(service, 420)
+        store = stack.start(store_service(stack.workdir, root=out / "store-data"))
+        inference = stack.start(inference_service(tiny_qwen2_vl, store.url, stack.workdir))
+        wait_ready(stack.services, 420)
         cfg = SmokeConfig(
             out=out,
             model=tiny_qwen2_vl,
@@ -97,7 +96,7 @@ def test_inference_killed_mid_loop_fails_clearly_store_intact(tiny_qwen2_vl, tmp
                     except Exception:
                         pass
                     time.sleep(0.2)
-            inference.stop(timeout=0.1)
+            inference.stop(grace=0.1)
 
         killer = threading.Thread(target=kill_when_busy)
         killer.start()

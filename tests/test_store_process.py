@@ -34,10 +34,7 @@ def test_killed_mid_upload_leaves_no_partial_blob_and_restart_keeps_data(tmp_pat
     sock.close()
     assert [p.name for p in blob_files(root)] == [digest_hex(compute_digest(kept))]
 
-    restarted = store_process(root)
-    restarted.port, restarted.url = server.port, server.url
-    restarted.argv[restarted.argv.index("--port") + 1] = str(server.port)
-    restarted.start()
+    restarted = store_process(root, port=server.port).start()
     try:
         assert httpx.get(f"{server.url}/v1/blobs/{digest}").status_code == 404
         assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(kept)}").content == kept

@@ -22,8 +22,9 @@ import openai
 import pytest
 from mmstore_client import StoreClient, compute_digest, decode, make_ref
 from mmstore_client.render import Renderer
+from mmstore_rollout.stack import Service, vllm_service
 from PIL import Image
-from support import FetchingRenderer, ServerProcess, free_port, image_bytes, noise_png, store_process
+from support import FetchingRenderer, image_bytes, noise_png, store_process
 
 slow = pytest.mark.slow  # the tests that use the vLLM server
 RUN = "plugin-tests"
@@ -60,7 +61,7 @@ def http_media(media_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def plugin_store(tmp_path_factory) -> ServerProcess:
+def plugin_store(tmp_path_factory) -> Service:
     """The module's own store: the outage test stops and restarts it on the same port and root."""
     root = tmp_path_factory.mktemp("plugin-store") / "data"
     server = store_process(root).start()
@@ -70,44 +71,16 @@ def plugin_store(tmp_path_factory) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_qwen2_vl, plugin_store, media_dir, tmp_path_factory) -> ServerProcess:
+def vllm_server(tiny_qwen2_vl, plugin_store, media_dir, tmp_path_factory) -> Service:
     """Stock vLLM's OpenAI server with the plugin selected by one environment variable."""
-    port = free_port()
-    server = ServerProcess(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_qwen2_vl),
-            "--port",
-            str(port),
-            "--enable-scale-out",
-            "--enforce-eager",
-            "--dtype",
-            "float32",
-            "--gpu-memory-utilization",
-            "0.1",
-            "--max-model-len",
-            "4096",
-            "--limit-mm-per-prompt",
-            '{"image": 32}',  # turn 5 of the five-turn test carries 30
-            "--allowed-local-media-path",
-            str(media_dir),
-            "--allowed-media-domains",
-            "127.0.0.1",
-        ],
-        port,
-        env={
-            "VLLM_MEDIA_CONNECTOR": "mmstore",
-            "MMSTORE_URL": plugin_store.url,
-            "MMSTORE_RETRIES": "1",
-            "MMSTORE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-            "MMSTORE_MODEL": str(tiny_qwen2_vl),
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-        },
-        log=tmp_path_factory.mktemp("vllm") / f"vllm-{port}.log",
-        health="/health",
+    env = {**os.environ, "MMSTORE_RETRIES": "1", "MMSTORE_MAX_IMAGE_PIXELS": str(MAX_PIXELS)}
+    server = vllm_service(
+        tiny_qwen2_vl,
+        tmp_path_factory.mktemp("vllm"),
+        store_url=plugin_store.url,
+        max_images=32,  # turn 5 of the five-turn test carries 30
+        args=["--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1"],
+        env=env,
     )
     try:
         server.start(timeout=600)
@@ -169,7 +142,7 @@ def one_pad_prompt(renderer: Renderer, messages: list[dict]) -> list[int]:
     return renderer.tokenizer.encode(renderer.prompt_text(messages), add_special_tokens=False)
 
 
-def generate(server: ServerProcess, token_ids: list[int], urls: list[str], **kw) -> httpx.Response:
+def generate(server: Service, token_ids: list[int], urls: list[str], **kw) -> httpx.Response:
     body = {
         "token_ids": token_ids,
         "content_parts": [{"type": "image_url", "url": u} for u in urls],
@@ -204,7 +177,7 @@ def test_chat_refs_and_data_uris_mixed_give_the_renderers_and_hf_processors_ids(
     assert len(resp.choices[0].token_ids) >= 1
 
 
-def mmstore_counters(server: ServerProcess) -> dict[str, float]:
+def mmstore_counters(server: Service) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return {
         line.split(" ")[0]: float(line.split(" ")[1])

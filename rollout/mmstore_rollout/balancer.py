@@ -20,7 +20,7 @@ POSTs, and they are idempotent: same ids, same refs), and a failed replica is le
 ``fail_timeout``. When no replica answers, nginx's own 502/504 become a 503 ``no_replica`` with
 ``Retry-After``, which the inference client retries.
 
-The same :func:`http_config` renders the local stack's configuration (``Stack.start_balancer``:
+The same :func:`http_config` renders the local stack's configuration (:func:`balancer_service`:
 Debian's nginx as a subprocess, configuration and access log in the run folder) and compose's
 (``deploy/nginx/inference.conf``, for the official nginx image, which re-resolves the scaled
 ``inference`` service through Docker's DNS): ``python -m mmstore_rollout.balancer compose``
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from mmstore_client.inference import AFFINITY_HEADER
 
-from .stack import ServiceFailed
+from .stack import Service, ServiceFailed, free_port
 
 REPLICA_HEADER = "X-Mmstore-Replica"  # response header: the replica address(es) nginx tried
 ROUND_ROBIN = "mmstore_inference_round_robin"
@@ -234,6 +234,17 @@ def write_local_config(workdir: Path, replica_urls: list[str], port: int) -> Bal
 
 def nginx_argv(files: BalancerFiles) -> list[str]:
     return [find_nginx(), "-p", str(files.workdir), "-c", str(files.conf), "-g", "daemon off;"]
+
+
+def balancer_service(replica_urls: list[str], workdir: Path, *, name: str = "balancer") -> Service:
+    """nginx in front of ``replica_urls`` (unstarted), its files in ``workdir/name``, its log
+    ``workdir/name.log``; ready when nginx answers :data:`HEALTH_PATH` itself."""
+    # absolute: nginx reads its -c and every path in its configuration relative to its -p prefix
+    files = write_local_config((workdir / name).resolve(), replica_urls, free_port())
+    log = workdir / f"{name}.log"
+    return Service(
+        name, nginx_argv(files), files.port, log, ready_path=HEALTH_PATH, access_log=files.access_log
+    )
 
 
 # -- the access log ------------------------------------------------------------------------------

@@ -131,17 +131,17 @@ def up(
     """Start mmstore and the inference service in the background (stop with `down`)."""
     from mmstore_trainer.tiny_model import ensure_default_tiny_model
 
-    from .stack import Stack, write_state
+    from .balancer import balancer_service
+    from .stack import Stack, inference_replicas, store_service, wait_ready, write_state
 
     model = model or ensure_default_tiny_model()
     stack = Stack(out)
     try:
-        store = stack.start_store(out / "store-data")
-        started = stack.start_replicas(model, store.url, replicas)
+        store = stack.start(store_service(out, root=out / "store-data"))
+        started = [stack.start(s) for s in inference_replicas(model, store.url, out, replicas)]
         if replicas > 1:
-            stack.start_balancer([s.url for s in started])
-        for service in stack.services:
-            stack.wait_ready(service, 420)
+            stack.start(balancer_service([s.url for s in started], out))
+        wait_ready(stack.services, 420)
     except BaseException:
         stack.stop()
         raise

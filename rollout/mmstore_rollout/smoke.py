@@ -31,11 +31,11 @@ from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
 from mmstore_client.render import Renderer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .balancer import log_length, log_stats, upstream_key
+from .balancer import balancer_service, log_length, log_stats, upstream_key
 from .env import ENVS
 from .plots import write_plots
 from .service_metrics import replica_report, scrape_replica, service_counters
-from .stack import Service, Stack
+from .stack import EngineOptions, Service, Stack, inference_replicas, store_service, vllm_service, wait_ready
 from .stats import LoopStats
 from .summary import Summary, console
 from .training import train_on_samples
@@ -90,19 +90,23 @@ def _start_inference(cfg: SmokeConfig, stack: Stack, model: Path, store_url: str
         raise ValueError("--engine vllm-serve runs one stock vLLM server: leave --replicas at 1")
     if cfg.inference:
         return _Inference(cfg.inference, [("inference", cfg.inference)])
+    engine = EngineOptions.here(cfg.max_model_len)
     if cfg.engine == "vllm-serve":
-        served = stack.start_vllm_serve(model, store_url, max_model_len=cfg.max_model_len)
+        served = stack.start(vllm_service(model, stack.workdir, engine=engine, store_url=store_url))
         return _Inference(served.url, [(served.name, served.url)])
     if cfg.replica_urls:
         urls = [u.rstrip("/") for u in cfg.replica_urls]
         names = [f"replica-{i}" for i in range(1, len(urls) + 1)] if len(urls) > 1 else ["inference"]
         replicas = list(zip(names, urls, strict=True))
     else:
-        started = stack.start_replicas(model, store_url, cfg.replicas)
+        started = [
+            stack.start(s)
+            for s in inference_replicas(model, store_url, stack.workdir, cfg.replicas, engine=engine)
+        ]
         replicas = [(s.name, s.url) for s in started]
     if len(replicas) == 1:
         return _Inference(replicas[0][1], replicas)
-    balancer = stack.start_balancer([url for _, url in replicas])
+    balancer = stack.start(balancer_service([url for _, url in replicas], stack.workdir))
     return _Inference(balancer.url, replicas, balancer)
 
 
@@ -162,13 +166,12 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
     with ExitStack() as stack_ctx:
         stack = stack_ctx.enter_context(Stack(cfg.out / "services"))
         t = time.perf_counter()
-        store_url = cfg.store or stack.start_store(cfg.out / "store-data").url
+        store_url = cfg.store or stack.start(store_service(stack.workdir, root=cfg.out / "store-data")).url
         served = _start_inference(cfg, stack, model, store_url)
         inference_url = served.url
         engines = "the inference engines" if len(served.replicas) > 1 else "the inference engine"
         with console.status(f"waiting for mmstore and {engines} (vLLM start takes about a minute)"):
-            for service in stack.services:  # the balancer last: it was started last
-                stack.wait_ready(service, cfg.ready_timeout)
+            wait_ready(stack.services, cfg.ready_timeout)
         wall["start_services"] = time.perf_counter() - t
         before = {name: scrape_replica(url) for name, url in served.replicas}
         log_start = log_length(served.balancer.access_log) if served.balancer else 0

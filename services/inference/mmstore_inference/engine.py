@@ -112,6 +112,34 @@ def engine_environment(on_gpu: bool, env: MutableMapping[str, str] | None = None
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
+def engine_args(settings: InferenceSettings, on_gpu: bool) -> Any:
+    """vLLM's ``AsyncEngineArgs`` for ``settings``, with the environment its engine reads set
+    (:func:`engine_environment`, the CPU KV cache).
+
+    The one place they are built: the service's :class:`Engine` and the in-process floor of
+    ``bench/inference_bench.py`` both start from it, so the bench always measures against the
+    engine the service runs.
+    """
+    from vllm import AsyncEngineArgs
+
+    s = settings
+    engine_environment(on_gpu)
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gib))
+    return AsyncEngineArgs(
+        model=str(s.model),
+        tokenizer=str(s.model),
+        dtype=s.dtype if s.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+        logprobs_mode=s.logprobs_mode,
+        max_model_len=s.max_model_len,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+        enforce_eager=s.enforce_eager,
+        limit_mm_per_prompt={"image": s.max_images_per_prompt, "video": 0},
+        seed=s.seed,
+        enable_prefix_caching=True,
+    )
+
+
 @contextlib.contextmanager
 def _client_errors(*also: type[Exception]):
     """Map vLLM's client-error exceptions (and ``also``) to :class:`EngineRejected`, so that
@@ -148,27 +176,9 @@ class Engine:
         """Build the engine in a thread (35-60 s), so the event loop keeps answering /healthz."""
         await asyncio.to_thread(check_weights, Path(self.settings.model))
         import torch
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        s = self.settings
-        on_gpu = torch.cuda.is_available()
-        engine_environment(on_gpu)
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gib))
-        dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        args = AsyncEngineArgs(
-            model=str(s.model),
-            tokenizer=str(s.model),
-            dtype=dtype,
-            logprobs_mode=s.logprobs_mode,
-            max_model_len=s.max_model_len,
-            gpu_memory_utilization=s.gpu_memory_utilization,
-            enforce_eager=s.enforce_eager,
-            limit_mm_per_prompt={"image": s.max_images_per_prompt, "video": 0},
-            seed=s.seed,
-            enable_prefix_caching=True,
-        )
+        args = engine_args(self.settings, torch.cuda.is_available())
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
     def shutdown(self) -> None:
