@@ -26,7 +26,14 @@ OUT=${OUT:-$root/runs/gpu}
 mkdir -p "$OUT"
 py=$(python3 -c 'import sys; print(sys.executable)')
 bin=$(dirname "$py")
-export PYTHONPATH=$root/clients:$root/services/mmstore:$root/services/inference:$root/trainer:$root/rollout${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$root/clients:$root/services/mmstore:$root/services/inference:$root/trainer:$root/rollout:$root/integrations/vllm${PYTHONPATH:+:$PYTHONPATH}
+# The vLLM plugin's entry point (group vllm.general_plugins), as installing mmstore-vllm declares it:
+# vLLM finds plugins by distribution metadata, which a source folder on PYTHONPATH does not carry.
+meta=${TMPDIR:-/tmp}/mmstore-plugin-meta
+mkdir -p "$meta/mmstore_vllm-0.1.0.dist-info"
+printf 'Metadata-Version: 2.1\nName: mmstore-vllm\nVersion: 0.1.0\n' >"$meta/mmstore_vllm-0.1.0.dist-info/METADATA"
+printf '[vllm.general_plugins]\nmmstore = mmstore_vllm:register\n' >"$meta/mmstore_vllm-0.1.0.dist-info/entry_points.txt"
+export PYTHONPATH=$PYTHONPATH:$meta
 export PYTHONUNBUFFERED=1 MMSTORE_BENCH_MODEL=${MMSTORE_BENCH_MODEL:-qwen2-vl-2b} VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 export MMSTORE_BENCH_CACHE=${MMSTORE_BENCH_CACHE:-/tmp/mmstore-models}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # local checkpoints only: never wait on a hub
@@ -78,7 +85,7 @@ for s in "$@"; do
     trainer-fsdp)  # the trainer as one FSDP2 rank against one process (bench/trainer_bench.py of issue 21)
       if python3 bench/trainer_bench.py --help | grep -q -- '--parallelism'; then
         step trainer-fsdp 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b \
-          --parallelism off,fsdp --workers 0,2 --output "$results"
+          --parallelism off,fsdp --workers 0,2 --steps 12 --output "$results"
       else
         echo "trainer-fsdp: bench/trainer_bench.py has no --parallelism here" | tee "$OUT/trainer-fsdp.log"
       fi ;;
