@@ -83,6 +83,11 @@ def image_refs(messages: Sequence[dict[str, Any]]) -> list[str]:
     refuses them.
     """
     reject_processed(list(messages), "$messages")
+    return _refs(messages)
+
+
+def _refs(messages: Sequence[dict[str, Any]]) -> list[str]:
+    """:func:`image_refs` of messages already checked for processed payloads."""
     if videos := video_parts(list(messages)):
         raise RenderError(f"{videos[0]}: video parts are not supported (images only)", "video_unsupported")
     digests = []
@@ -363,7 +368,7 @@ class Renderer:
         # images before each message, counted once (not by walking every prefix)
         before = [0]
         for message in messages:
-            before.append(before[-1] + len(image_refs([message])))
+            before.append(before[-1] + len(_refs([message])))
         extra = [0]  # tokens the first i images add to their placeholders
         for d in descriptors:
             extra.append(extra[-1] + d.num_tokens - 1)
@@ -414,9 +419,9 @@ class Renderer:
         tokenization per assistant message (quadratic in the conversation: 42 ms of a 47 ms render
         at 20 turns), and a prompt that is only sampled from (the OpenAI endpoint's) needs none.
         """
-        reject_processed(list(messages), "$messages")
+        refs = image_refs(messages)  # processed payloads refused first
         options = TemplateOptions.of(tools, chat_template_kwargs)
-        descriptors = self._describe_all(image_refs(messages), headers)
+        descriptors = self._describe_all(refs, headers)
         text = self._template(messages, add_generation_prompt, options)
         if text.count(self.layout.placeholder) < len(descriptors):
             self._check_emitted(messages, options)
@@ -442,7 +447,7 @@ class Renderer:
         only the new messages' images; ``tools`` and ``chat_template_kwargs`` must be the ones the
         previous turn was rendered with.
         """
-        reject_processed(list(new_messages), "$messages")
+        new_refs = image_refs(new_messages)  # processed payloads refused first
         options = TemplateOptions.of(tools, chat_template_kwargs)
         history = previous.messages
         full = self._template([*history, *new_messages], add_generation_prompt, options)
@@ -457,7 +462,7 @@ class Renderer:
             )
         ended = bool(previous.token_ids) and previous.token_ids[-1] == self.eos_token_id
         suffix = full[cut + len(self.eos_token) if ended else cut :]
-        new_descriptors = self._describe_all(image_refs(new_messages), headers)
+        new_descriptors = self._describe_all(new_refs, headers)
         if suffix.count(self.layout.placeholder) < len(new_descriptors):
             self._check_emitted([*history, *new_messages], options)
         ids, spans = self._encode(suffix, new_descriptors, len(previous.token_ids))
