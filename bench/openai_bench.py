@@ -165,7 +165,12 @@ class Runner:
         render_ms, server = 0.0, {}
         if conv.path == "generate":
             t0 = time.perf_counter()
-            rendered = await asyncio.to_thread(self.renderer.render, conv.messages(t, self.ref))
+            from mmstore_client.render import image_refs
+
+            messages = conv.messages(t, self.ref)  # headers kept by digest in the store client
+            rendered = await asyncio.to_thread(
+                lambda: self.renderer.render(messages, self.store.image_headers(image_refs(messages)))
+            )
             render_ms = (time.perf_counter() - t0) * 1e3
             body = {
                 "prompt_token_ids": rendered.token_ids,
@@ -747,10 +752,12 @@ async def bench(opts: dict, procs: Processes, tmp: Path) -> None:
         )
     reading += [
         "Where the data-URI path's time goes: `offload ms` is, per inline image and every turn, the "
-        "base64 decode, `decode.probe` (a full decode for a PNG, see the Layout section), the layout's "
-        "size check and blake3, then one `blobs:link` call per image (and, for a new image, its PUT with "
-        "the store's full decode). vLLM's server decodes each image once and hashes the pixels. A client "
-        "that sends refs (offloading once, as a rollout worker does) pays none of it per turn: `chat refs`.",
+        "base64 decode, `decode.probe` (the header only), the layout's size check and blake3, then one "
+        "`blobs:link` call for the request's images (and, for a new image, its PUT with the store's full "
+        "decode); the bytes and headers hashed there are kept, so the generate path decodes each new "
+        "image once without a GET. vLLM's server decodes each image once and hashes the pixels. A "
+        "client that sends refs (offloading once, as a rollout worker does) pays none of it per turn: "
+        "`chat refs`.",
         "What rendering in the service does: read the headers of images it has not described yet (then "
         "kept by digest), apply the chat template and tokenize (once: the endpoint needs no assistant "
         "mask); bridging tokenizes only the new messages.",
