@@ -159,7 +159,12 @@ class Runner:
         render_ms, server = 0.0, {}
         if conv.path == "generate":
             t0 = time.perf_counter()
-            rendered = await asyncio.to_thread(self.renderer.render, conv.messages(t, self.ref))
+            from mmstore_client.render import image_refs
+
+            messages = conv.messages(t, self.ref)  # headers kept by digest in the store client
+            rendered = await asyncio.to_thread(
+                lambda: self.renderer.render(messages, self.store.image_headers(image_refs(messages)))
+            )
             render_ms = (time.perf_counter() - t0) * 1e3
             body = {
                 "prompt_token_ids": rendered.token_ids,
@@ -286,13 +291,36 @@ def machine_line() -> str:
 
 # --------------------------------------------------------------------------- long conversation
 
-LONG_PATHS = ("chat refs", "chat refs+bridge", "vLLM data URIs")
+LONG_PATHS = ("chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs")
 SPEEDUP_TARGETS = {5: 1.5, 20: 4.0}  # issue: refs at least 1.5x faster at turn 5, 4x at turn 20 (warm)
 
 
 def overhead_ms(r: Result) -> float:
     """What the service adds to a request over its engine: client latency minus vLLM generate."""
     return r.latency_s * 1e3 - r.server.get("generate_s", 0.0)
+
+
+def stages_ms(r: Result) -> dict[str, float]:
+    """Where a chat request's overhead goes (ms), from the service's ``mmstore.timings``:
+    offload; render (headers + template + tokenize, or bridge); engine prep (the generate path's
+    fetch + vLLM's processing of the prompt and its check); server rest (the endpoint's own work
+    between them: request checks, decoding, response objects); outside (what the service's
+    ``total_s`` does not see: HTTP, the request's JSON parsing and validation, the response's
+    serialization, the client's encoding and parsing)."""
+    s = r.server
+    prep = s.get("fetch_s", 0.0) + s.get("process_s", 0.0)
+    known = s.get("offload_s", 0.0) + s.get("render_s", 0.0) + prep + s.get("generate_s", 0.0)
+    total = s.get("total_s", 0.0)
+    return {
+        "offload": s.get("offload_s", 0.0),
+        "render": s.get("render_s", 0.0),
+        "engine prep": prep,
+        "server rest": total - known,
+        "outside": r.latency_s * 1e3 - total,
+    }
+
+
+STAGES = ("offload", "render", "engine prep", "server rest", "outside")
 
 
 def long_rows(results: list[Result], turns: int) -> list[list[str]]:
@@ -306,10 +334,9 @@ def long_rows(results: list[Result], turns: int) -> list[list[str]]:
             refs, theirs = by["chat refs"], by["vLLM data URIs"]
             cells = [phase, str(t), str(2 * t)]
             cells += [f"{by[p].latency_s * 1e3:.1f}" if p in by else "" for p in LONG_PATHS]
-            cells += [f"{theirs.latency_s / refs.latency_s:.2f}x", f"{overhead_ms(refs):.1f}"]
-            cells += [f"{refs.server.get('render_s', 0.0):.1f}"]
+            cells += [f"{theirs.latency_s / refs.latency_s:.2f}x"]
             bridged = by.get("chat refs+bridge")
-            cells += [f"{overhead_ms(bridged):.1f}" if bridged else ""]
+            cells += [f"{overhead_ms(r):.1f}" if r else "" for r in (refs, bridged)]
             rows.append(cells)
     return rows
 
@@ -321,9 +348,26 @@ LONG_COLS = [
     *(f"{p} ms" for p in LONG_PATHS),
     "vLLM / refs",
     "refs overhead ms",
-    "refs render ms",
     "bridged overhead ms",
 ]
+
+
+def stage_rows(results: list[Result], turns: int) -> list[list[str]]:
+    """The warm pass's overhead by stage (:func:`stages_ms`) for each of our paths, per turn."""
+    rows = []
+    for path in LONG_PATHS[:-1]:
+        for t in range(1, turns + 1):
+            r = next((r for r in results if r.phase == "warm" and r.path == path and r.turn == t), None)
+            if r is None or not r.server:
+                continue
+            st = stages_ms(r)
+            cells = [path, str(t), f"{r.latency_s * 1e3:.1f}", f"{r.server.get('generate_s', 0.0):.1f}"]
+            cells += [f"{overhead_ms(r):.1f}", *(f"{st[k]:.1f}" for k in STAGES)]
+            rows.append(cells)
+    return rows
+
+
+STAGE_COLS = ["path", "turn", "latency ms", "vLLM generate ms", "overhead ms", *(f"{k} ms" for k in STAGES)]
 
 
 def long_verdict(results: list[Result], turns: int) -> list[str]:
@@ -484,6 +528,14 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
             "",
             *[f"- {line}" for line in long_verdict(info["long"], o["long_turns"])],
             "",
+            "Where the overhead goes (warm pass, ms; see `stages_ms` in the script): offload; render "
+            "(headers, template, tokenize or bridge); engine prep (the generate path's fetch and vLLM's "
+            "processing of the prompt, with its check); server rest (the endpoint's own work between "
+            "them); outside (HTTP, request JSON parsing and validation, response serialization, the "
+            "client's encoding and parsing).",
+            "",
+            *md_table(STAGE_COLS, stage_rows(info["long"], o["long_turns"]), ("path",)),
+            "",
         ]
     if info["throughput"]:
         lines[lines.index("Agreement:") : lines.index("Agreement:")] = [
@@ -591,7 +643,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
                 seed = 100_000 * (k + 1)
                 images = [[screenshot_png(seed + t), photo_jpeg(seed + t)] for t in range(opts["long_turns"])]
                 conv = Conversation(path, 0, images)
-                if path != "vLLM data URIs":
+                if path in ("chat refs", "chat refs+bridge"):  # refs: offloaded by the client first
                     for turn in images:
                         for data in turn:
                             store.put(data, RUN)
@@ -601,6 +653,8 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
             print(f"long conversation ({opts['long_turns']} turns): {time.monotonic() - t0:.1f}s", flush=True)
             for line in long_verdict(long, opts["long_turns"]):
                 print("  " + line, flush=True)
+            for line in md_table(STAGE_COLS, stage_rows(long, opts["long_turns"]), ("path",)):
+                print(line, flush=True)
 
         tp: dict[str, dict] = {}
         if opts["rollouts"]:
@@ -682,14 +736,15 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         )
     reading += [
         "Where the data-URI path's time goes: `offload ms` is, per inline image and every turn, the "
-        "base64 decode, `decode.probe` (a full decode for a PNG, see the Layout section), the layout's "
-        "size check and blake3, then one `blobs:link` call per image (and, for a new image, its PUT with "
-        "the store's full decode). vLLM's server decodes each image once and hashes the pixels. A client "
-        "that sends refs (offloading once, as a rollout worker does) pays none of it per turn: `chat refs`.",
+        "base64 decode, `decode.probe` (the header only), the layout's size check and blake3, then one "
+        "`blobs:link` call for the request's images (and, for a new image, its PUT with the store's full "
+        "decode); the bytes and headers hashed there are kept, so the generate path decodes each new "
+        "image once without a GET. vLLM's server decodes each image once and hashes the pixels. A "
+        "client that sends refs (offloading once, as a rollout worker does) pays none of it per turn: "
+        "`chat refs`.",
         "What rendering in the service does: read the headers of images it has not described yet (then "
-        "kept by digest), apply the chat template and tokenize; a render from scratch also builds the "
-        "renderer's assistant mask (one template pass per assistant message); bridging tokenizes only "
-        "the new messages.",
+        "kept by digest), apply the chat template and tokenize (once: the endpoint needs no assistant "
+        "mask); bridging tokenizes only the new messages.",
     ]
     info = {
         "gpu": gpu,
@@ -737,9 +792,18 @@ def main(
     ] = 4096,
     output: Annotated[Path, typer.Option(help="results file (its openai_bench section)")] = RESULTS,
     write: Annotated[bool, typer.Option(help="rewrite the section of the results file")] = True,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            help="GPU: CUDA graphs + torch.compile on both servers (no enforce_eager; the same as "
+            "MMSTORE_BENCH_EAGER=0); ignored on CPU, where vLLM runs eager"
+        ),
+    ] = False,
     keep_tmp: KeepTmpOption = False,
 ) -> None:
     """Measure the OpenAI endpoint against /v1/generate and vLLM's server; print and record it."""
+    if cuda_graphs:  # read by benchlib.engine_settings for both servers' flags
+        os.environ["MMSTORE_BENCH_EAGER"] = "0"
     max_images = max(16, 2 * turns, 2 * long_turns, 2 * rollout_turns * bool(rollouts))
     interrupt_on(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # unwind through the finally block
     opts = dict(

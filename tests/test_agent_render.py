@@ -256,3 +256,43 @@ def test_qwen2_5_vl_tool_template_renders_text_turns_as_hf_and_refuses_images():
     with pytest.raises(RenderError) as err:
         renderer.render(screenshot, tools=TOOLS)
     assert err.value.code == "template_error" and "text-only template" in str(err.value)
+
+
+def mask_by_definition(renderer, messages, **options) -> list[bool]:
+    """The assistant mask from its definition: each assistant message's tokens run from the length
+    of the rendering before it (with the generation prompt) to its end token, within the length of
+    the rendering through it; each length from its own render, tokenized whole."""
+    ids = renderer.render(messages, assistant_mask=False, **options).token_ids
+    mask = [False] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(renderer.render(messages[:k], assistant_mask=False, **options).token_ids)
+        through = messages[: k + 1]
+        end = len(
+            renderer.render(through, add_generation_prompt=False, assistant_mask=False, **options).token_ids
+        )
+        seg = ids[start:end]
+        stop = seg.index(renderer.eos_token_id) + 1 if renderer.eos_token_id in seg else len(seg)
+        mask[start : start + stop] = [True] * stop
+    return mask
+
+
+def test_assistant_mask_from_one_tokenization_equals_its_definition(agent_model, tiny_qwen2_vl):
+    """Reasoning, tool calls, tool results with images, empty contents, images just before and after
+    assistant messages: the mask taken from the whole text's one tokenization is the definition's."""
+    images = Images()
+    messages = agent_conversation(images)
+    messages[4] = {**messages[4], "reasoning_content": "The shape moved.\n\n"}
+    messages += [
+        {"role": "assistant", "content": "\n  spaced  \n"},
+        {"role": "user", "content": [img(images.add(30, 30, 4))]},
+    ]
+    for model, options in ((agent_model, {"tools": TOOLS}), (tiny_qwen2_vl, {})):
+        renderer = FetchingRenderer(Renderer.from_pretrained(model), images)
+        convo = (
+            messages if options else [m for m in messages if m["role"] != "tool" and not m.get("tool_calls")]
+        )
+        out = renderer.render(convo, **options)
+        assert sum(out.assistant_mask) > 0
+        assert out.assistant_mask == mask_by_definition(renderer, convo, **options)

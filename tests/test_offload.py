@@ -116,3 +116,29 @@ async def test_async_offload(store):
         out = await aoffload_messages(messages, client, "offload-async")
         assert client.uploads == 5
     assert [p["image_url"]["url"] for p in out[0]["content"]] == [make_ref(compute_digest(x)) for x in imgs]
+
+
+async def test_offloaded_images_are_kept_by_the_client(store):
+    """Every offloaded image, uploaded or only linked (the store had it), is kept with its header:
+    reading it back through the same client sends no GET and reads no header again."""
+    known, new = image_bytes(24, 16, seed=320), image_bytes(16, 24, seed=321)
+    with StoreClient(store.url) as other:
+        other.put(known, "offload-kept")
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_uri(x)}} for x in (known, new)],
+        }
+    ]
+    digests = [compute_digest(x) for x in (known, new)]
+    async with AsyncStoreClient(store.url) as client:
+        await aoffload_messages(messages, client, "offload-kept")
+        assert client.uploads == 1, "only the image the store lacked is sent"
+        headers = await client.image_headers(digests)
+        assert [await client.get(d) for d in digests] == [known, new]
+        assert client.fetches == 0
+    assert [(h.width, h.height) for h in headers.values()] == [(24, 16), (16, 24)]
+    with StoreClient(store.url) as client:
+        offload_messages(messages, client, "offload-kept-sync")
+        assert client.uploads == 0 and client.get(digests[1]) == new and client.fetches == 0
+        assert client.run("offload-kept-sync").blob_count == 2

@@ -308,6 +308,22 @@ def test_inline_images_offloaded_by_the_service(client, model, store_client, ren
     assert again.prompt_token_ids == resp.prompt_token_ids and again.mmstore["offloaded"] == []
 
 
+def test_inline_images_are_not_fetched_back_and_decoded_once(client, model, store_client, inference):
+    """After the offload the service holds the bytes it hashed: neither the headers nor the generate
+    path GETs them from the store, also for an image the store already had (linked, not uploaded),
+    and each new image is decoded once."""
+    known, new = image_bytes(110, 70, seed=40), image_bytes(70, 110, seed=41)
+    store_client.put(known, RUN)  # in the store, never seen by the service
+    counters = ("mmstore_inference_store_fetches_total", "mmstore_inference_decodes_total")
+    before = httpx.get(f"{inference.url}/metrics").text
+    messages = [user("two pictures", data_uri(known), data_uri(new))]
+    resp = create(client, model, messages)
+    after = httpx.get(f"{inference.url}/metrics").text
+    fetches, decodes = (_metric(after, c) - _metric(before, c) for c in counters)
+    assert (fetches, decodes) == (0, 2)
+    assert resp.mmstore["offloaded"] == [compute_digest(known), compute_digest(new)]
+
+
 def test_stop_strings_and_stop_token_ids(client, model, store_client, renderer):
     messages = [user("Talk.", ref(store_client, image_bytes(50, 50, seed=40)))]
     full = create(client, model, messages, max_tokens=24).choices[0]

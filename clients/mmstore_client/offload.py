@@ -90,7 +90,7 @@ def _fetch_http(url: str, where: str, policy: OffloadPolicy) -> bytes:
         raise OffloadError(where, f"cannot fetch {url[:100]}: {exc}", "unreachable_url") from exc
 
 
-def _load(site: ImagePart, policy: OffloadPolicy) -> bytes:
+def _load(site: ImagePart, policy: OffloadPolicy) -> tuple[bytes, decode.ImageHeader]:
     url = site.url
     if url.startswith("data:"):
         data = _decode_data_uri(url, site.where)
@@ -107,12 +107,13 @@ def _load(site: ImagePart, policy: OffloadPolicy) -> bytes:
             policy.check_size(header.width, header.height)
         except decode.ImageError as exc:
             raise OffloadError(site.where, str(exc), exc.code) from exc
-    return data
+    return data, header
 
 
 @dataclass
 class _Blob:
     data: bytes
+    header: decode.ImageHeader
     where: str  # the first part that holds it, for errors the store reports
 
 
@@ -126,9 +127,9 @@ def plan_offload(body: Any, policy: OffloadPolicy) -> tuple[Any, dict[str, _Blob
     for site in image_parts(out):
         if is_ref(site.url):
             continue
-        data = _load(site, policy)
+        data, header = _load(site, policy)
         digest = compute_digest(data)
-        blobs.setdefault(digest, _Blob(data, site.where))
+        blobs.setdefault(digest, _Blob(data, header, site.where))
         site.container[site.key] = make_ref(digest)
     for site in image_parts(out):
         if not is_ref(site.url):
@@ -138,20 +139,32 @@ def plan_offload(body: Any, policy: OffloadPolicy) -> tuple[Any, dict[str, _Blob
 
 
 def offload_messages(body: Any, store: StoreClient, run: str, policy: OffloadPolicy | None = None) -> Any:
-    """Upload every inline image of ``body`` to ``store`` for ``run``; return the rewritten copy."""
+    """Upload every inline image of ``body`` to ``store`` for ``run``; return the rewritten copy.
+
+    One ``blobs:link`` call for all of them; only the blobs the store lacks are sent. Each image
+    is then kept in ``store``'s caches (:meth:`StoreClient.keep_hashed`), so rendering and
+    generating from the refs neither fetches nor probes it again."""
     out, blobs = plan_offload(body, policy or OffloadPolicy())
-    for blob in blobs.values():
-        try:
-            store.put(blob.data, run)
-        except RejectedError as exc:
-            raise OffloadError(blob.where, exc.message, exc.code) from exc
+    if blobs:
+        missing = store.link(run, list(blobs)).missing
+        for digest in missing:
+            blob = blobs[digest]
+            try:
+                store.put(blob.data, run)
+            except RejectedError as exc:
+                raise OffloadError(blob.where, exc.message, exc.code) from exc
+        for digest, blob in blobs.items():
+            store.keep_hashed(digest, blob.data, blob.header)
     return out
 
 
 async def aoffload_messages(
     body: Any, store: AsyncStoreClient, run: str, policy: OffloadPolicy | None = None
 ) -> Any:
-    """Async twin of :func:`offload_messages`; uploads concurrently."""
+    """Async twin of :func:`offload_messages`; uploads concurrently.
+
+    A chat request that carries its whole conversation inline sends every earlier image again:
+    one link call for all of them (not one per image) keeps that to one round trip."""
     out, blobs = await asyncio.to_thread(plan_offload, body, policy or OffloadPolicy())
 
     async def put(blob: _Blob) -> None:
@@ -160,5 +173,9 @@ async def aoffload_messages(
         except RejectedError as exc:
             raise OffloadError(blob.where, exc.message, exc.code) from exc
 
-    await asyncio.gather(*(put(blob) for blob in blobs.values()))
+    if blobs:
+        missing = (await store.link(run, list(blobs))).missing
+        await asyncio.gather(*(put(blobs[digest]) for digest in missing))
+        for digest, blob in blobs.items():
+            store.keep_hashed(digest, blob.data, blob.header)
     return out

@@ -48,6 +48,9 @@ def check_runs(ids: Sequence[int], descriptors: Sequence[Descriptor], image_toke
     """The spans of the images in ``ids``; raise :class:`PlaceholderMismatch` when the runs do not
     match the descriptors: their count first (image tokens not tied to any descriptor, e.g. sampled
     by the policy and fed back, are named by position), then each run's length."""
+    expected = _expected_runs(ids, descriptors, image_token_id)
+    if expected is not None:
+        return expected
     runs = image_runs(ids, image_token_id)
     if len(runs) != len(descriptors):
         where = ", ".join(f"{r.start}+{r.length}" for r in runs[:20])
@@ -72,6 +75,34 @@ def check_runs(ids: Sequence[int], descriptors: Sequence[Descriptor], image_toke
                 expected=desc.num_tokens,
                 actual=run.length,
             )
+    return runs
+
+
+def _expected_runs(
+    ids: Sequence[int], descriptors: Sequence[Descriptor], image_token_id: int
+) -> list[ImageSpan] | None:
+    """The runs when they are exactly the descriptors' (else None: the caller finds out why).
+
+    Checked at C speed (``list.index`` to each run, a slice compared with the expected run, the
+    token after it), where :func:`image_runs` visits every id in Python: a 20-turn conversation
+    of 40 images is 33 k ids, 31 k of them image tokens, checked on every request."""
+    if not isinstance(ids, list):
+        ids = list(ids)
+    runs, pos, n = [], 0, len(ids)
+    for desc in descriptors:
+        try:
+            start = ids.index(image_token_id, pos)
+        except ValueError:
+            return None
+        end = start + desc.num_tokens
+        if end > n or ids[start:end] != [image_token_id] * desc.num_tokens:
+            return None
+        if end < n and ids[end] == image_token_id:
+            return None
+        runs.append(ImageSpan(start=start, length=desc.num_tokens))
+        pos = end
+    if image_token_id in ids[pos:]:
+        return None
     return runs
 
 

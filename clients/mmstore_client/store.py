@@ -56,6 +56,7 @@ class _StoreBase:
         retries: int = 3,
         backoff: float = 0.1,
         cache: ByteCache | None = None,
+        header_cache: LRUCache[str, decode.ImageHeader] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -63,7 +64,9 @@ class _StoreBase:
         self.retries = retries
         self.backoff = backoff
         self.cache = cache if cache is not None else ByteCache()
-        self.header_cache: LRUCache[str, decode.ImageHeader] = LRUCache(HEADER_CACHE_ENTRIES)
+        self.header_cache: LRUCache[str, decode.ImageHeader] = (
+            header_cache if header_cache is not None else LRUCache(HEADER_CACHE_ENTRIES)
+        )
         self.fetches = 0  # blob GETs that went to the network (after cache and single-flight)
         self.fetched_bytes = 0
         self.uploads = 0  # blob bodies the store accepted from this client
@@ -85,6 +88,13 @@ class _StoreBase:
         self.fetched_bytes += len(data)
         self.cache.put(digest, data)
         return data
+
+    def keep_hashed(self, digest: str, data: bytes, header: decode.ImageHeader) -> None:
+        """Keep bytes this process hashed itself (``digest == compute_digest(data)``, e.g. an image
+        it just offloaded) and their header, as if fetched and verified: a later ``get`` or
+        ``image_headers`` of them neither goes to the store nor reads the header again."""
+        self.cache.put(digest, data)
+        self.header_cache.put(digest, header)
 
     def _header(self, digest: str, data: bytes) -> decode.ImageHeader:
         header = decode.probe(data)

@@ -50,8 +50,13 @@ def create_app(
     engine = Engine(settings)
     service = GenerateService(engine, layout, tokenizer, fetcher, metrics)
     writer = None
-    if settings.store_write_token:  # offload of chat requests' inline images; same byte cache
-        writer = AsyncStoreClient(settings.store, token=settings.store_write_token, cache=store.cache)
+    if settings.store_write_token:  # offload of chat requests' inline images; same caches
+        writer = AsyncStoreClient(
+            settings.store,
+            token=settings.store_write_token,
+            cache=store.cache,
+            header_cache=store.header_cache,
+        )
     chat = OpenAIChat(settings, service, writer=writer)
 
     started_at = time.monotonic()

@@ -81,7 +81,7 @@ class OpenAIChat:
     """The OpenAI endpoints over one :class:`GenerateService`; ``router`` goes into the app.
 
     ``writer`` is a store client with the write scope for the offload (default: the service
-    fetcher's), sharing its byte cache so offloaded bytes are not fetched again.
+    fetcher's), sharing its byte and header caches so offloaded images are not fetched again.
     """
 
     def __init__(
@@ -286,7 +286,8 @@ class OpenAIChat:
             )
             for c, p, lp in zip(choices, parsed, logprobs, strict=True)
         ]
-        response = ChatCompletion(
+        # not validated again: the ids are the generate path's, every other part a model already
+        response = ChatCompletion.model_construct(
             **head,
             choices=choice_list,
             usage=usage,
@@ -302,8 +303,12 @@ class OpenAIChat:
             self.non_extending.inc()
 
     async def _generate(self, prompt: Prompt, sampling: SamplingOptions, request_id: str) -> GenerateResponse:
-        """The checked generate path of ``/v1/generate``; an error about an image names its part."""
-        request = GenerateRequest(
+        """The checked generate path of ``/v1/generate``; an error about an image names its part.
+
+        The request is not validated again (``model_construct``): its ids and descriptors are the
+        renderer's, its sampling options were validated when built, and the generate path checks
+        the ids against the descriptors and vLLM's expansion itself."""
+        request = GenerateRequest.model_construct(
             prompt_token_ids=prompt.rendered.token_ids,
             descriptors=prompt.rendered.descriptors,
             sampling=sampling,

@@ -124,7 +124,9 @@ class PromptBuilder:
                     self._bridge, previous, messages[:count], messages[count:], headers, options
                 )
                 return rendered, "bridge", previous, True
-            rendered = await self.on_tokenizer_thread(self.renderer.render, messages, headers, **options)
+            rendered = await self.on_tokenizer_thread(
+                self.renderer.render, messages, headers, assistant_mask=False, **options
+            )
         except IdsMismatch as exc:
             raise PlaceholderMismatch(
                 f"previous_token_ids: {exc}",
@@ -144,7 +146,7 @@ class PromptBuilder:
         """The history as the client sampled it (its images' runs checked), then the new messages."""
         descriptors = [self.renderer.describe(d, headers[d]) for d in image_refs(history)]
         runs = check_runs(previous, descriptors, self.renderer.image_token_id)
-        before = Rendered(list(previous), descriptors, runs, [False] * len(previous), history)
+        before = Rendered(list(previous), descriptors, runs, None, history)
         return self.renderer.bridge(before, new, headers, **options)
 
     async def _offload(self, messages: list[dict], run: str) -> tuple[list[dict], list[str]]:
