@@ -78,7 +78,7 @@ for s in "$@"; do
     inference)
       step inference 420 python3 bench/inference_bench.py --output "$results" --keep-tmp --max-model-len 16384 --gap 0.5 ;;
     openai)
-      step openai 540 python3 bench/openai_bench.py --output "$results" --keep-tmp --convs 2 --gap 0.5 \
+      step openai 570 python3 bench/openai_bench.py --output "$results" --keep-tmp --convs 1 --gap 0.5 \
         --long-turns 20 --rollouts 32 --max-model-len 40960 ;;
     trainer)
       step trainer 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b --output "$results" ;;

@@ -12,7 +12,9 @@ far, fixed assistant replies, greedy, a few tokens), one path per set of images:
 - ``chat refs``: ``POST /v1/chat/completions`` with mmstore refs: the service renders from scratch;
 - ``chat refs+bridge``: the same with ``mmstore.previous_token_ids``: the service bridges;
 - ``chat data URIs``: the images inline: the service offloads them, then renders;
-- ``vLLM data URIs``: vLLM's own server, the same data URIs (``return_token_ids``).
+- ``vLLM data URIs``: vLLM's own server, the same data URIs (``return_token_ids``);
+- ``vLLM plugin refs``: the same server with the mmstore plugin (``VLLM_MEDIA_CONNECTOR=mmstore``),
+  mmstore refs instead of data URIs (images offloaded before): stock vLLM as users run it, with refs.
 
 Cold: images new to both servers. Warm: the same conversations again. Blocks of one conversation
 rotate over the paths with a pause between blocks (an idle vLLM worker busy-polls for 1 s, and
@@ -61,7 +63,9 @@ from mmstore_rollout.stack import Stack, inference_service, on_gpu, store_servic
 from PIL import Image, ImageDraw, ImageFilter
 
 RUN = "bench-openai"
-PATHS = ("generate", "chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs")
+PATHS = ("generate", "chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs", "vLLM plugin refs")
+VLLM_PATHS = ("vLLM data URIs", "vLLM plugin refs")  # vLLM's own server answers these
+REF_PATHS = ("generate", "chat refs", "chat refs+bridge", "vLLM plugin refs")  # images offloaded first
 REPLY = "Clicked the highlighted item; the list updated."
 app = make_app(__doc__)
 
@@ -172,8 +176,8 @@ class Runner:
                 "sampling": common | {"logprobs": True},
             }
             url = f"{self.urls['inference']}/v1/generate"
-        elif conv.path == "vLLM data URIs":
-            messages = conv.messages(t, data_uri)
+        elif conv.path in VLLM_PATHS:
+            messages = conv.messages(t, data_uri if conv.path == "vLLM data URIs" else self.ref)
             body = {
                 "model": "tiny",
                 "messages": messages,
@@ -291,7 +295,8 @@ def machine_line() -> str:
 
 # --------------------------------------------------------------------------- long conversation
 
-LONG_PATHS = ("chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs")
+LONG_PATHS = ("chat refs", "chat refs+bridge", "chat data URIs", "vLLM data URIs", "vLLM plugin refs")
+STAGE_PATHS = ("chat refs", "chat refs+bridge", "chat data URIs")  # the paths with the service's timings
 SPEEDUP_TARGETS = {5: 1.5, 20: 4.0}  # issue: refs at least 1.5x faster at turn 5, 4x at turn 20 (warm)
 
 
@@ -355,7 +360,7 @@ LONG_COLS = [
 def stage_rows(results: list[Result], turns: int) -> list[list[str]]:
     """The warm pass's overhead by stage (:func:`stages_ms`) for each of our paths, per turn."""
     rows = []
-    for path in LONG_PATHS[:-1]:
+    for path in STAGE_PATHS:
         for t in range(1, turns + 1):
             r = next((r for r in results if r.phase == "warm" and r.path == path and r.turn == t), None)
             if r is None or not r.server:
@@ -381,6 +386,9 @@ def long_verdict(results: list[Result], turns: int) -> list[str]:
                 f"turn {t}: refs {x:.2f}x faster than vLLM's server "
                 f"(target {target:g}x: {'met' if x >= target else 'NOT met'})"
             )
+        if ("vLLM plugin refs", t) in warm and ("vLLM data URIs", t) in warm:
+            x = warm[("vLLM data URIs", t)].latency_s / warm[("vLLM plugin refs", t)].latency_s
+            out.append(f"turn {t}: vLLM's server with the plugin's refs {x:.2f}x faster than with data URIs")
     for path in ("chat refs", "chat refs+bridge"):
         mid = [overhead_ms(warm[(path, t)]) for t in range(5, turns + 1) if (path, t) in warm]
         if len(mid) > 1:
@@ -393,7 +401,7 @@ def long_verdict(results: list[Result], turns: int) -> list[str]:
 
 # --------------------------------------------------------------------------- throughput
 
-THROUGHPUT_PATHS = ("chat refs", "vLLM data URIs")
+THROUGHPUT_PATHS = ("chat refs", "vLLM data URIs", "vLLM plugin refs")
 
 
 async def throughput(runner: Runner, store, convs: list[Conversation], max_tokens: int) -> dict[str, float]:
@@ -404,7 +412,7 @@ async def throughput(runner: Runner, store, convs: list[Conversation], max_token
 
     async def rollout(conv: Conversation) -> None:
         for t in range(len(conv.images)):
-            if conv.path != "vLLM data URIs":
+            if conv.path in REF_PATHS:
                 for data in conv.images[t]:
                     await asyncio.to_thread(store.put, data, RUN)
             results.append(await runner.turn(conv, t, "throughput", None, sampling))
@@ -463,7 +471,8 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
         "",
         "Latency per request of `POST /v1/chat/completions` (the service offloads inline images, renders, "
         "then runs the checked generate path) against `POST /v1/generate` with ids the client rendered, "
-        "and against vLLM's own OpenAI server given the same images as data URIs; one run of "
+        "and against vLLM's own OpenAI server given the same images as data URIs, and as mmstore refs "
+        "through the mmstore plugin (`vLLM plugin refs`); one run of "
         "`bench/openai_bench.py`. Each path has its own images of the same kinds and sizes "
         "(so every path's cold pass is cold); turn k's request carries the whole conversation, 2k images.",
         "",
@@ -580,8 +589,16 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         wait_ready([inference], 600)
     vllm_args = ["--served-model-name", "tiny", "--logprobs-mode", "processed_logprobs", "--seed", "0"]
     vllm_args += ["--generation-config", "vllm", "--uvicorn-log-level", "warning"]
+    # the plugin as a user enables it: the media connector by name, the store's URL and the model
+    # (layout checks); data URIs still go through vLLM's own loader. vLLM's token-in endpoint is not
+    # needed here (the chat endpoint is), so no --enable-scale-out, which vLLM 0.26 does not know.
+    plugin_env = env | {
+        "VLLM_MEDIA_CONNECTOR": "mmstore",
+        "MMSTORE_URL": urls["store"],
+        "MMSTORE_MODEL": str(model),
+    }
     vllm_server = stack.start(
-        vllm_service(model, tmp, engine=engine, max_images=opts["max_images"], args=vllm_args, env=env)
+        vllm_service(model, tmp, engine=engine, max_images=opts["max_images"], args=vllm_args, env=plugin_env)
     )
     urls["vllm"] = vllm_server.url
     t0 = time.monotonic()
@@ -598,7 +615,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         make = lambda s: [[screenshot_png(s + t), photo_jpeg(s + t)] for t in range(opts["turns"])]  # noqa: E731
         convs[path] = [Conversation(path, c, make(seed + 10 * c)) for c in range(opts["convs"])]
         warmups[path] = Conversation(path, -1, make(seed + 900)[:2])
-        if path in ("generate", "chat refs", "chat refs+bridge"):  # refs: offloaded by the client first
+        if path in REF_PATHS:  # refs: offloaded by the client first
             for conv in [*convs[path], warmups[path]]:
                 for turn in conv.images:
                     for data in turn:
@@ -643,7 +660,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
                 seed = 100_000 * (k + 1)
                 images = [[screenshot_png(seed + t), photo_jpeg(seed + t)] for t in range(opts["long_turns"])]
                 conv = Conversation(path, 0, images)
-                if path in ("chat refs", "chat refs+bridge"):  # refs: offloaded by the client first
+                if path in REF_PATHS:  # refs: offloaded by the client first
                     for turn in images:
                         for data in turn:
                             store.put(data, RUN)
