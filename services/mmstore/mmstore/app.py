@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from fastapi import FastAPI
 
 from . import __version__
@@ -56,4 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.fast_blob_path:
         app.add_middleware(BlobFastPath, reader=reader, authorizer=authorizer, metrics=metrics)
+    # What start-up made (modules, routes, models: ~77k objects the collector tracks) lives as long
+    # as the process: out of the collector's sight, a full collection walks only what came since
+    # (it took 10-380 ms with them, by the machine's load: a GET's slowest replies).
+    gc.collect()
+    gc.freeze()
     return app
