@@ -22,10 +22,12 @@ is bounded in time, not only in rows (:class:`_Pacer`): it takes as many rows (a
 as the last batches did in ``_BATCH_SECONDS`` of holding the lock, select and commit included, so
 the bound holds on a slow or busy disk too. What needs no lock happens outside it: GC moves a
 batch's files into ``trash/`` (a rename, a quarter of an unlink's cost, and no blocks freed) and
-unlinks them once the batch has committed; WAL checkpoints run between writes, never in a commit
-(``_checkpoint``), so the log (truncated to ``_WAL_LIMIT_BYTES`` at each checkpoint) stays bounded
-whatever is deleted. Each batch selects what it deletes under the lock, so a put that finds (or
-re-creates) a blob and a GC that deletes it are serialised: a blob being linked is never deleted.
+unlinks them once the batch has committed. The write-ahead log (truncated to ``_WAL_LIMIT_BYTES`` at
+each checkpoint) stays bounded whatever is deleted: SQLite checkpoints it in the commit that
+crosses 1,000 pages, under the write lock, where no writer appends meanwhile (checkpoints outside
+the lock, raced by the other writers, never caught up: the log grew past 30 MB while filling).
+Each batch selects what it deletes under the lock, so a put that finds (or re-creates) a blob and
+a GC that deletes it are serialised: a blob being linked is never deleted.
 SQLite in WAL mode makes this hold across the worker processes of one server as well.
 
 Uploads are refused (507) once the volume's free space would drop below ``min_free_bytes``: that
@@ -87,8 +89,7 @@ _RESERVE_BYTES = 16 << 20  # the reserve file's most (see the module's docstring
 _T = TypeVar("_T")
 _CHUNK = 50  # rows between two looks at the clock in a GC or deletion batch
 _BATCH_SECONDS = 0.05  # what a batch aims to hold the write lock for, select and commit included
-_FIRST_BATCH = 100  # rows of a GC's or deletion's first batch, before its pace is measured
-_CHECKPOINT_SECONDS = 1.0  # a process checkpoints the WAL at most this often after its writes
+_FIRST_BATCH = 100  # rows of a process's first GC or deletion batch, before any pace is measured
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,18 @@ class _Pacer:
     ``_BATCH_SECONDS`` on this disk at this moment: a fixed count held it 40 ms or 400 ms
     depending on the store's size and the disk's load (its commit alone 40-100 ms for 1,000 rows
     at 10^5 images on a busy disk), so the count follows the time each row took in the last batch
-    (halving at once, at most doubling)."""
+    (halving at once, at most doubling). ``batches`` and ``longest`` count since :meth:`start`."""
 
     def __init__(self, most: int) -> None:
         self.most = most
         self.rows = min(most, _FIRST_BATCH)
         self.batches = 0
         self.longest = 0.0
+
+    def start(self) -> _Pacer:
+        """For a new GC or deletion: the pace so far kept, the counts reset."""
+        self.batches, self.longest = 0, 0.0
+        return self
 
     def held(self, seconds: float, rows: int) -> None:
         self.batches += 1
@@ -187,7 +193,8 @@ class LocalStorage(Storage):
         # lock, processes on an flock of the index's lock file, both woken as soon as it is free.
         self._write_lock = threading.Lock()
         self._write_lock_file = os.open(self.root / "index.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        self._last_checkpoint = time.monotonic()
+        # one pace per kind of batch, kept from one GC or deletion to the next
+        self._delete_pacer, self._gc_pacer = _Pacer(batch), _Pacer(batch)
         self._db().executescript(_SCHEMA)
         self._recover_dead_uploads()
         self._empty_trash(self.trash_dir.iterdir())
@@ -202,9 +209,6 @@ class LocalStorage(Storage):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL" if not self.fsync else "PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
-            # SQLite's own checkpoints run inside the commit that crosses 1,000 pages of log, under
-            # the write lock (a put or a GC batch then holds it 10-100 ms more): see _checkpoint
-            db.execute("PRAGMA wal_autocheckpoint=0")
             self._local.db = db
         return db
 
@@ -244,18 +248,9 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One serialised write transaction (across threads and processes), then a checkpoint if due."""
+        """One serialised write transaction (across threads and processes)."""
         with self._full_disk_is_507(), self._locked() as db, self._transaction(db):
             yield db
-        if time.monotonic() - self._last_checkpoint > _CHECKPOINT_SECONDS:
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """Copy the WAL into the index, outside the write lock: a PASSIVE checkpoint runs alongside
-        writers (and gives way, without waiting, to another process's checkpoint)."""
-        self._last_checkpoint = time.monotonic()
-        with self._full_disk_is_507():
-            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def blob_path(self, digest: str) -> Path:
         h = digest_hex(digest)
@@ -512,16 +507,17 @@ class LocalStorage(Storage):
         cut short (a crash) is finished by deleting the run again.
         """
         unlinked = orphaned = 0
-        pacer = _Pacer(self.batch)
+        pacer = self._delete_pacer.start()
         while True:
             started = time.monotonic()
+            limit = pacer.rows  # the pace is shared: another deletion may change it meanwhile
             with self._write() as db:
                 if not unlinked and db.execute("SELECT 1 FROM runs WHERE run = ?", (run,)).fetchone() is None:
                     return None
                 rows = db.execute(
                     "SELECT l.digest, COALESCE(b.size, 0), COALESCE(b.refcount, 0) FROM links l "
                     "LEFT JOIN blobs b ON b.digest = l.digest WHERE l.run = ? LIMIT ?",
-                    (run, pacer.rows),
+                    (run, limit),
                 ).fetchall()
                 now = time.time()
                 unlinked_before = unlinked
@@ -542,7 +538,7 @@ class LocalStorage(Storage):
                         (len(chunk), sum(r[1] for r in chunk), now, run),
                     )
                 # every link the run had left was in this batch, and the batch unlinked all of them
-                done = len(rows) < pacer.rows and unlinked - unlinked_before == len(rows)
+                done = len(rows) < limit and unlinked - unlinked_before == len(rows)
                 if done:
                     db.execute("DELETE FROM runs WHERE run = ?", (run,))
             released = time.monotonic()
@@ -556,7 +552,6 @@ class LocalStorage(Storage):
                     pacer.longest * 1e3,
                 )
                 return RunDeleted(run=run, unlinked=unlinked, orphaned=orphaned)
-            self._checkpoint()
             pacer.pause(released - started, released)
 
     def gc(self, grace_seconds: float) -> GcReport:
@@ -575,7 +570,7 @@ class LocalStorage(Storage):
         """
         cutoff = time.time() - grace_seconds
         deleted = freed = 0
-        pacer = _Pacer(self.batch)
+        pacer = self._gc_pacer.start()
         with self._full_disk_is_507():
             while True:
                 started = time.monotonic()
@@ -598,10 +593,10 @@ class LocalStorage(Storage):
                 self._remove_empty_dirs({self.blob_path(digest).parent for digest, _ in gone})
                 deleted += len(gone)
                 freed += sum(size for _, size in gone)
-                self._checkpoint()  # the log is cut back at its next reset
                 if len(rows) < limit and len(gone) == len(rows):
                     break
                 pacer.pause(released - started, released)
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")  # the log is cut back at its next reset
             log.info(
                 "gc: %d blobs in %d batches, the longest held the write lock %.1f ms",
                 deleted,
