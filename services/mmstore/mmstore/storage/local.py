@@ -156,12 +156,15 @@ class _Pacer:
         self.batches, self.longest = 0, 0.0
         return self
 
-    def held(self, seconds: float, rows: int) -> None:
+    def held(self, seconds: float, rows: int, limit: int) -> None:
+        """A batch selected at most ``limit`` rows, did ``rows`` of them and held the lock ``seconds``."""
         self.batches += 1
         self.longest = max(self.longest, seconds)
+        log.debug("batch of %d rows held the write lock %.1f ms", rows, seconds * 1e3)
+        if rows < limit and seconds <= _BATCH_SECONDS:
+            return  # the end of the work, within the budget: its fixed costs say nothing of a full batch
         fits = int(_BATCH_SECONDS / max(seconds, 1e-6) * max(rows, 1))
         self.rows = max(1, min(self.most, 2 * self.rows, fits))
-        log.debug("batch of %d rows held the write lock %.1f ms", rows, seconds * 1e3)
 
     @staticmethod
     def pause(held: float, released: float) -> None:
@@ -542,7 +545,7 @@ class LocalStorage(Storage):
                 if done:
                     db.execute("DELETE FROM runs WHERE run = ?", (run,))
             released = time.monotonic()
-            pacer.held(released - started, unlinked - unlinked_before)
+            pacer.held(released - started, unlinked - unlinked_before, limit)
             if done:
                 log.info(
                     "run %s deleted: %d links in %d batches, the longest held the write lock %.1f ms",
@@ -588,7 +591,7 @@ class LocalStorage(Storage):
                         db.executemany("DELETE FROM blobs WHERE digest = ?", ((r[0],) for r in chunk))
                         gone += chunk
                 released = time.monotonic()
-                pacer.held(released - started, len(gone))
+                pacer.held(released - started, len(gone), limit)
                 self._empty_trash(self.trash_dir / digest_hex(digest) for digest, _ in gone)
                 self._remove_empty_dirs({self.blob_path(digest).parent for digest, _ in gone})
                 deleted += len(gone)
