@@ -105,6 +105,51 @@ def test_upload_killed_before_its_index_commit_leaves_an_orphan_that_restart_rem
         server.stop()
 
 
+_KILLED_IN_GC_BEFORE_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from mmstore.storage import local
+
+storage = local.LocalStorage(Path(sys.argv[1]))
+def crash(src, dst):  # GC moved the blob's file into trash/, its batch has not committed: die here
+    os.replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+local.os.rename = crash
+storage.gc(0)
+"""
+
+
+def test_gc_killed_before_its_commit_leaves_no_file_and_the_next_gc_finishes(tmp_path):
+    """A GC batch moves its files into trash/ under the lock and unlinks them after the commit: a
+    kill in between leaves the garbage row without its file, which the next start's trash emptying,
+    the next GC and a re-upload all handle."""
+    root = tmp_path / "data"
+    server = store_process(root).start()
+    kept, doomed = image_bytes(34, 34, seed=905), image_bytes(35, 35, seed=906)
+    try:
+        assert put(server, "keep", kept).status_code == 201
+        assert put(server, "doomed", doomed).status_code == 201
+        assert httpx.delete(f"{server.url}/v1/runs/doomed").status_code == 200
+    finally:
+        server.stop()
+    r = subprocess.run([sys.executable, "-c", _KILLED_IN_GC_BEFORE_COMMIT, str(root)])
+    assert r.returncode == -9
+    digest = compute_digest(doomed)
+    assert indexed(root, digest) and [p.name for p in (root / "trash").iterdir()] == [digest_hex(digest)]
+
+    server = store_process(root).start()
+    try:
+        assert list((root / "trash").iterdir()) == []
+        assert httpx.get(f"{server.url}/v1/blobs/{digest}").status_code == 404
+        assert httpx.post(f"{server.url}/v1/gc", json={"grace_seconds": 0}).json()["deleted"] == 1
+        assert not indexed(root, digest)
+        assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(kept)}").content == kept
+        assert put(server, "again", doomed).status_code == 201
+        assert httpx.get(f"{server.url}/v1/blobs/{digest}").content == doomed
+    finally:
+        server.stop()
+
+
 def test_fsck_reports_orphans_and_repair_removes_them(tmp_path):
     root = tmp_path / "data"
     server = store_process(root).start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from fastapi import FastAPI
 
 from . import __version__
@@ -56,4 +58,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.fast_blob_path:
         app.add_middleware(BlobFastPath, reader=reader, authorizer=authorizer, metrics=metrics)
+    return app
+
+
+def serving_app() -> FastAPI:
+    """The app of a server process (``mmstore serve``'s factory): :func:`create_app`, then what
+    start-up made (modules, routes, models: ~77k objects the collector tracks, living as long as
+    the process) frozen out of the garbage collector's sight, so a full collection walks only what
+    came since (with them: 10-380 ms by the machine's load, a GET's slowest replies)."""
+    app = create_app()
+    gc.collect()
+    gc.freeze()
     return app

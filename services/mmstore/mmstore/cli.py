@@ -105,7 +105,7 @@ def serve(
         }
     )
     config = uvicorn.Config(
-        "mmstore.app:create_app",
+        "mmstore.app:serving_app",
         factory=True,
         host=settings.host,
         port=settings.port,

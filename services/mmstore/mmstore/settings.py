@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     gc_batch_size: int = Field(
         1000,
         ge=1,
-        description="local storage: GC and run deletion commit this many blobs at a time, releasing the "
-        "index between batches, so an upload waits at most about one batch",
+        description="local storage: GC and run deletion commit at most this many blobs at a time, fewer "
+        "when that would hold the index's write lock over about 50 ms, releasing it between batches, so "
+        "an upload waits at most about one batch",
     )
     min_free_bytes: int = Field(
         64 << 20,
