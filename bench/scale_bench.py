@@ -289,9 +289,8 @@ def report(
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, Linux {info['kernel']}, "
         f"Python {info['python']}. Date: {info['date']}. Load average before/after: {load_before} / "
-        f"{load_after}. **The machine was shared with other helpers' work during this run**: "
-        "absolute times are noisy (re-run on a quiet machine for reference figures); the growth "
-        "factors compare cases measured under similar load.",
+        f"{load_after}: other work on the machine shows there, and makes absolute times and growth "
+        "factors noisy (compare runs made at a similar load).",
         "",
         *md_table(cols, rows, left={"figure", "target"}),
         "",
