@@ -57,9 +57,13 @@ def tiny_with_template(family: str, template: str) -> Path:
     """A tiny ``family`` checkpoint carrying a real model's chat template (tests/data/chat_templates)."""
     import hashlib
 
-    from mmstore_trainer.tiny_model import ensure_tiny_model, tiny_model_folder
+    from mmstore_trainer.tiny_model import TOOLS_CHAT_TEMPLATE, ensure_tiny_model, tiny_model_folder
 
-    text = (CHAT_TEMPLATES / f"{template}.jinja").read_text()
+    # the instruct template ships with the trainer (the tool-using smoke loop builds on it)
+    source = (
+        TOOLS_CHAT_TEMPLATE if template == TOOLS_CHAT_TEMPLATE.stem else CHAT_TEMPLATES / f"{template}.jinja"
+    )
+    text = source.read_text()
     tag = hashlib.sha256(text.encode()).hexdigest()[:8]  # an edited template builds a new folder
     folder = tiny_model_folder(f"{family}-{template}-{tag}", REPO_ROOT)
     return ensure_tiny_model(folder, family, chat_template=text)

@@ -296,3 +296,23 @@ def test_assistant_mask_from_one_tokenization_equals_its_definition(agent_model,
         out = renderer.render(convo, **options)
         assert sum(out.assistant_mask) > 0
         assert out.assistant_mask == mask_by_definition(renderer, convo, **options)
+
+
+def test_tools_a_template_ignores_are_refused_not_dropped(tiny_qwen2_vl, tiny_qwen3_vl_instruct):
+    """Qwen2-VL's template (Qwen2.5-VL's processor template too) renders the same text with and
+    without tools: the model would never see them, so a render with tools is refused, naming why;
+    the same conversation renders without tools, and a template with tool use takes them."""
+    images = Images()
+    messages = [
+        {"role": "user", "content": [img(images.add(32, 32, 7)), {"type": "text", "text": "Click it."}]}
+    ]
+    plain = FetchingRenderer(Renderer.from_pretrained(tiny_qwen2_vl), images)
+    assert plain.renderer.renders_tools is False
+    with pytest.raises(RenderError) as err:
+        plain.render(messages, tools=TOOLS)
+    assert err.value.code == "tools_unsupported" and "does not render them" in str(err.value)
+    assert plain.render(messages).token_ids == hf_reference(tiny_qwen2_vl, messages, images)[0]
+    with_tools = FetchingRenderer(Renderer.from_pretrained(tiny_qwen3_vl_instruct), images)
+    assert with_tools.renderer.renders_tools is True
+    out = with_tools.render(messages, tools=TOOLS)
+    assert out.token_ids == hf_reference(tiny_qwen3_vl_instruct, messages, images, tools=TOOLS)[0]

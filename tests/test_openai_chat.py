@@ -427,6 +427,16 @@ def test_request_errors(client, model, store_client):
         "invalid_request",
         "mmstore.run",
     )
+    click = {
+        "type": "function",
+        "function": {"name": "click", "parameters": {"type": "object", "properties": {}}},
+    }
+    _raises(  # Qwen2-VL's template ignores tools: refused, never silently dropped
+        openai.BadRequestError,
+        lambda: create(client, model, [user("x", img)], tools=[click]),
+        "tools_unsupported",
+        "tools",
+    )
     r = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
     assert create(client, model, [user("still serving", img)]).choices

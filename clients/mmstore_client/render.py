@@ -20,6 +20,7 @@ size): the layout places it from that alone.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,30 @@ class Renderer:
         return known
 
     # -- text -> ids -----------------------------------------------------------------------
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template puts ``tools`` into the prompt: a one-message conversation
+        rendered with a tool and without one gives different texts. A template that ignores tools
+        would drop them silently, so a render with tools is refused instead (``tools_unsupported``)."""
+        probe = [{"role": "user", "content": "Hello."}]
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "probe",
+                "description": "Probe.",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+
+        def text(tools: list[dict[str, Any]] | None) -> str | None:
+            try:
+                return self.tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
+            except Exception:  # a template that fails on the probe: let the real render say why
+                return None
+
+        with_tools, without = text([tool]), text(None)
+        return with_tools is None or with_tools != without
+
     def prompt_text(
         self,
         messages: Sequence[dict[str, Any]],
@@ -268,6 +293,14 @@ class Renderer:
         ``tokenizer_config.json`` one) given image parts, or its own ``raise_exception``."""
         from jinja2 import TemplateError
 
+        if options.tools and not self.renders_tools:
+            raise RenderError(
+                "tools were given, but the model's chat template does not render them (it gives the "
+                "same text with and without tools, as Qwen2-VL's and Qwen2.5-VL's processor templates "
+                "do), so the model would never see them: send no tools, or serve a checkpoint whose "
+                "template defines tool use",
+                "tools_unsupported",
+            )
         try:
             return self.tokenizer.apply_chat_template(
                 _template_messages(messages),

@@ -161,7 +161,7 @@ def run_smoke(cfg: SmokeConfig) -> Summary:
     cfg.out.mkdir(parents=True, exist_ok=True)
     summary, stats, wall, collected = Summary(), LoopStats(), {}, {}
     t0 = time.perf_counter()
-    model = cfg.model or ensure_default_tiny_model()
+    model = cfg.model or ensure_default_tiny_model(tools=ENVS[cfg.env].tools is not None)
     wall["model"] = time.perf_counter() - t0
     with ExitStack() as stack_ctx:
         stack = stack_ctx.enter_context(Stack(cfg.out / "services"))

@@ -323,8 +323,19 @@ def tiny_model_folder(name: str = TINY_FAMILY, root: Path = Path()) -> Path:
     return Path(root) / TINY_MODELS_DIR / name
 
 
-def ensure_default_tiny_model(root: Path = Path()) -> Path:
-    """The default tiny model (:data:`TINY_FAMILY`) under ``root``, built there on first use."""
+# Qwen3-VL-Instruct's chat template (tools, tool calls, images in tool results; its source is
+# named in tests/data/chat_templates/README.md): Qwen2-VL's, which the tiny models carry, ignores
+# ``tools``, and a renderer refuses tools a template would drop.
+TOOLS_CHAT_TEMPLATE = Path(__file__).parent / "chat_templates" / "qwen3_vl_instruct.jinja"
+
+
+def ensure_default_tiny_model(root: Path = Path(), *, tools: bool = False) -> Path:
+    """The default tiny model (:data:`TINY_FAMILY`) under ``root``, built there on first use;
+    ``tools``: the same model carrying a chat template that renders tools
+    (:data:`TOOLS_CHAT_TEMPLATE`), in a folder of its own."""
+    if tools:
+        folder = tiny_model_folder(f"{TINY_FAMILY}-tools", root)
+        return ensure_tiny_model(folder, TINY_FAMILY, chat_template=TOOLS_CHAT_TEMPLATE.read_text())
     return ensure_tiny_model(tiny_model_folder(TINY_FAMILY, root), TINY_FAMILY)
 
 

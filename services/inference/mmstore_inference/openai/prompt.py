@@ -68,7 +68,9 @@ def _after_last_assistant(messages: list[dict]) -> int:
 def _render_error(exc: RenderError | ProcessedPayloadError | LayoutRefusal) -> Exception:
     if exc.code == "placeholder_mismatch":
         return PlaceholderMismatch(str(exc), param="messages")
-    return InvalidRequest(str(exc), code=exc.code, param="messages")
+    return InvalidRequest(
+        str(exc), code=exc.code, param="tools" if exc.code == "tools_unsupported" else "messages"
+    )
 
 
 class PromptBuilder:
