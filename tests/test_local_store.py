@@ -315,3 +315,55 @@ def test_delete_and_gc_free_a_volume_that_something_else_filled(small_volume):
         assert put(server, "r", image_bytes(20, 20, seed=921)).status_code == 201
     finally:
         server.stop()
+
+
+# The index tables as stores made before session 5 have them: rows in upload (rowid) order.
+_ROWID_TABLES = {
+    "blobs": "(digest TEXT PRIMARY KEY, size INTEGER NOT NULL, mime TEXT NOT NULL, format TEXT NOT NULL, "
+    "width INTEGER NOT NULL, height INTEGER NOT NULL, created_at REAL NOT NULL, "
+    "refcount INTEGER NOT NULL DEFAULT 0, orphaned_at REAL)",
+    "links": "(run TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run, digest))",
+}
+
+
+def test_a_store_with_rowid_index_tables_is_clustered_at_start_and_keeps_everything(tmp_path):
+    """blobs and links are clustered by key (WITHOUT ROWID) so GC and deletion batches touch few
+    pages; a store whose tables predate that is rewritten at start, every row kept: its blobs
+    read back, its runs list them, and deletion and GC still work on them."""
+    root = tmp_path / "data"
+    images = [image_bytes(20 + i, 20, seed=950 + i) for i in range(6)]
+    server = store_process(root).start()
+    try:
+        for i, data in enumerate(images):
+            assert put(server, f"run-{i % 2}", data).status_code == 201
+    finally:
+        server.stop()
+    db = sqlite3.connect(root / "index.sqlite3")
+    for name, ddl in _ROWID_TABLES.items():  # back to the old layout, rows and all
+        db.execute(f"CREATE TABLE {name}_old {ddl}")
+        db.execute(f"INSERT INTO {name}_old SELECT * FROM {name}")
+        db.execute(f"DROP TABLE {name}")
+        db.execute(f"ALTER TABLE {name}_old RENAME TO {name}")
+    db.commit()
+    db.close()
+
+    def schema(name: str) -> str:
+        with contextlib.closing(sqlite3.connect(root / "index.sqlite3")) as db:
+            return db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+
+    assert all("WITHOUT ROWID" not in schema(name) for name in _ROWID_TABLES)
+    server = store_process(root).start()
+    try:
+        assert all("WITHOUT ROWID" in schema(name) for name in _ROWID_TABLES)
+        assert schema("blobs_orphaned") is not None  # the partial index, rebuilt with its table
+        for data in images:
+            assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(data)}").content == data
+        runs = {r["run"]: r["blob_count"] for r in httpx.get(f"{server.url}/v1/runs").json()["runs"]}
+        assert runs == {"run-0": 3, "run-1": 3}
+        assert httpx.delete(f"{server.url}/v1/runs/run-0").json()["unlinked"] == 3
+        assert httpx.post(f"{server.url}/v1/gc", json={"grace_seconds": 0}).json()["deleted"] == 3
+        for i, data in enumerate(images):
+            expected = 404 if i % 2 == 0 else 200
+            assert httpx.get(f"{server.url}/v1/blobs/{compute_digest(data)}").status_code == expected
+    finally:
+        server.stop()

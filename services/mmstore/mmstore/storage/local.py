@@ -62,22 +62,34 @@ from mmstore_client.models import BlobInfo, GcReport, RunBlobPage, RunDeleted, R
 from ..errors import InsufficientStorageError
 from .base import Check, FsckReport, PutResult, Storage
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (
+# blobs and links are clustered by their primary key (WITHOUT ROWID): a GC or deletion batch walks
+# them in key order, so it dirties a few neighbouring pages. As rowid tables their rows lay in
+# upload order, one random page per row, and a batch of 1,000 dirtied up to 1,000 pages: deleting
+# one run cost 43.6 us a link at 10^4 images and 115.5 at 10^5, clustered 14.1 and 18.9.
+_CLUSTERED = {
+    "blobs": """(
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, mime TEXT NOT NULL, format TEXT NOT NULL,
     width INTEGER NOT NULL, height INTEGER NOT NULL, created_at REAL NOT NULL,
     refcount INTEGER NOT NULL DEFAULT 0, orphaned_at REAL
-);
+) WITHOUT ROWID""",
+    "links": """(
+    run TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run, digest)
+) WITHOUT ROWID""",
+}
+_INDEXES = """
+DROP INDEX IF EXISTS blobs_garbage;
+CREATE INDEX IF NOT EXISTS blobs_orphaned ON blobs (orphaned_at) WHERE refcount <= 0;
+"""
+_SCHEMA = (
+    "".join(f"CREATE TABLE IF NOT EXISTS {name} {ddl};\n" for name, ddl in _CLUSTERED.items())
+    + """
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY, blob_count INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, updated_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS links (
-    run TEXT NOT NULL, digest TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run, digest)
-);
-DROP INDEX IF EXISTS blobs_garbage;
-CREATE INDEX IF NOT EXISTS blobs_orphaned ON blobs (orphaned_at) WHERE refcount <= 0;
 """
+    + _INDEXES
+)
 # Only garbage is indexed (partial index): linking or unlinking a live blob then updates no index
 # entry. The former index on (refcount, orphaned_at) moved an entry at every link, so deleting a run
 # cost more per link as the store grew.
@@ -199,10 +211,38 @@ class LocalStorage(Storage):
         # one pace per kind of batch, kept from one GC or deletion to the next
         self._delete_pacer, self._gc_pacer = _Pacer(batch), _Pacer(batch)
         self._db().executescript(_SCHEMA)
+        self._cluster_tables()
         self._recover_dead_uploads()
         self._empty_trash(self.trash_dir.iterdir())
         self.reserve_path = self.root / "reserve"
         self._make_reserve()
+
+    def _cluster_tables(self) -> None:
+        """Rewrite a store made before blobs and links were clustered (see ``_CLUSTERED``): each
+        table copied into its clustered twin, in one write transaction, so a crash leaves the old
+        table whole and the next start does it again; a second worker starting meanwhile finds it
+        done once it holds the lock. Takes a few seconds per million rows, once."""
+
+        def rowid_tables(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name IN ('blobs', 'links')"
+            ).fetchall()
+            return [name for name, sql in rows if "WITHOUT ROWID" not in sql.upper()]
+
+        if not rowid_tables(self._db()):
+            return
+        with self._write() as db:
+            for name in rowid_tables(db):
+                started = time.monotonic()
+                db.execute(f"CREATE TABLE {name}_clustered {_CLUSTERED[name]}")
+                columns = ", ".join(r[1] for r in db.execute(f"PRAGMA table_info({name})"))
+                db.execute(f"INSERT INTO {name}_clustered ({columns}) SELECT {columns} FROM {name}")
+                db.execute(f"DROP TABLE {name}")
+                db.execute(f"ALTER TABLE {name}_clustered RENAME TO {name}")
+                log.info("index table %s clustered by its key in %.1f s", name, time.monotonic() - started)
+            for statement in _INDEXES.split(";"):  # DROP TABLE took blobs' index with it
+                if statement.strip():
+                    db.execute(statement)
 
     # -- plumbing -----------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
