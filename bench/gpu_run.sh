@@ -9,6 +9,7 @@
 #   inference  bench/inference_bench.py: the service with refs vs vLLM in-process, cold and warm
 #   openai     bench/openai_bench.py: turns 1-5, a long conversation to turn 20 (40 images) and
 #              32 concurrent 5-turn rollouts (throughput), refs vs vLLM's own server (data URIs)
+#   prep       bench/vllm_prep_bench.py: vLLM's own processing of a 20-turn prompt's cached images
 #   trainer    bench/trainer_bench.py at the same size (Qwen2-VL-2B-sized, bf16, CUDA)
 #   trainer-fsdp  the same, one process vs one FSDP2 rank, where trainer_bench.py has --parallelism
 #
@@ -80,6 +81,8 @@ for s in "$@"; do
     openai)
       step openai 570 python3 bench/openai_bench.py --output "$results" --keep-tmp --convs 1 --gap 0.5 \
         --long-turns 20 --rollouts 32 --max-model-len 40960 ;;
+    prep)
+      step prep 300 python3 bench/vllm_prep_bench.py --output "$results" ;;
     trainer)
       step trainer 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b --output "$results" ;;
     trainer-fsdp)  # the trainer as one FSDP2 rank against one process (bench/trainer_bench.py of issue 21)
@@ -89,6 +92,6 @@ for s in "$@"; do
       else
         echo "trainer-fsdp: bench/trainer_bench.py has no --parallelism here" | tee "$OUT/trainer-fsdp.log"
       fi ;;
-    *) echo "unknown step $s (smoke, inference, openai, trainer, trainer-fsdp)"; exit 2 ;;
+    *) echo "unknown step $s (smoke, inference, openai, prep, trainer, trainer-fsdp)"; exit 2 ;;
   esac
 done

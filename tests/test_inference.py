@@ -172,6 +172,10 @@ def test_layout_and_descriptor_mismatch(client):
 def test_malformed_and_processed_payloads(client):
     r = httpx.post(f"{client[2].url}/v1/generate", json={"prompt_token_ids": "nope"}, timeout=60)
     assert r.status_code == 400 and _code(r) == "invalid_request"
+    assert r.json()["error"]["errors"][0]["loc"] == ["body", "prompt_token_ids"]
+    for broken in (b"", b"{", b"[1, 2]"):
+        r = httpx.post(f"{client[2].url}/v1/generate", content=broken, timeout=60)
+        assert r.status_code == 400 and _code(r) == "invalid_request", broken
     rendered = render(client, [user("x", image_bytes(40, 40, seed=13))])
     body = GenerateRequest(prompt_token_ids=rendered.token_ids, descriptors=rendered.descriptors).model_dump(
         mode="json"
@@ -202,7 +206,10 @@ def test_health_ready_metrics(client):
     assert ready["family"] == "qwen2_vl" and ready["status"] == "ready"
     m = httpx.get(f"{url}/metrics").text
     assert "mmstore_inference_requests_total" in m and "mmstore_inference_fetch_seconds" in m
-    assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/generate"]
+    post = httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/generate"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["title"] == "GenerateRequest"
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["$ref"].endswith("/GenerateResponse")
 
 
 def test_image_tokens_sampled_when_allowed(client):

@@ -95,14 +95,19 @@ class _InferenceBase:
         self.retried = 0  # requests re-sent after a transport error or a 503
 
     @staticmethod
-    def _body(request: GenerateRequest | dict[str, Any]) -> dict[str, Any]:
-        if isinstance(request, GenerateRequest):
-            return request.model_dump(mode="json", exclude_none=True)
-        return GenerateRequest.model_validate(request).model_dump(mode="json", exclude_none=True)
+    def _body(request: GenerateRequest | dict[str, Any]) -> bytes:
+        """The request as JSON, written by pydantic's core (json.dumps of a dumped dict takes
+        ~3 ms for the 30 k ids of a long conversation, this ~0.5 ms)."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest.model_validate(request)
+        return request.model_dump_json(exclude_none=True).encode()
 
     @staticmethod
-    def _headers(affinity: str | None) -> dict[str, str] | None:
-        return {AFFINITY_HEADER: affinity} if affinity else None
+    def _headers(affinity: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if affinity:
+            headers[AFFINITY_HEADER] = affinity
+        return headers
 
     @staticmethod
     def _parse(response: httpx.Response) -> GenerateResponse:
@@ -137,7 +142,7 @@ class InferenceClient(_InferenceBase):
         body, headers = self._body(request), self._headers(affinity)
         for attempt in range(self.retries + 1):
             try:
-                return self._parse(self._http.post("/v1/generate", json=body, headers=headers))
+                return self._parse(self._http.post("/v1/generate", content=body, headers=headers))
             except Exception as exc:
                 if not self._retryable(exc) or attempt == self.retries:
                     if isinstance(exc, httpx.TransportError):
@@ -169,7 +174,7 @@ class AsyncInferenceClient(_InferenceBase):
         body, headers = self._body(request), self._headers(affinity)
         for attempt in range(self.retries + 1):
             try:
-                return self._parse(await self._http.post("/v1/generate", json=body, headers=headers))
+                return self._parse(await self._http.post("/v1/generate", content=body, headers=headers))
             except Exception as exc:
                 if not self._retryable(exc) or attempt == self.retries:
                     if isinstance(exc, httpx.TransportError):

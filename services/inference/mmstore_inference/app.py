@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,7 @@ from mmstore_client.cache import DecodedCache
 from mmstore_client.inference import GenerateRequest, GenerateResponse
 from mmstore_client.layouts import Layout
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import ValidationError
 
 from .engine import Engine
 from .errors import InferenceError, InvalidRequest
@@ -92,6 +94,10 @@ def create_app(
     app.state.service = service
     app.include_router(chat.router)  # /v1/chat/completions, /v1/models: OpenAI's error shape
 
+    def malformed(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+        details = [{"loc": [str(x) for x in e["loc"]], "msg": e["msg"]} for e in errors[:20]]
+        return InvalidRequest("malformed generate request", errors=details)
+
     def error(exc: InferenceError) -> JSONResponse:
         metrics.requests.labels(exc.code).inc()
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
@@ -104,12 +110,18 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(x) for x in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-        return error(InvalidRequest("malformed generate request", errors=errors))
+        return error(malformed(exc.errors()))
 
     @app.post(
         "/v1/generate",
         tags=["generate"],
+        response_model=GenerateResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+            }
+        },
         responses={
             400: {"description": "invalid_request, engine_rejected"},
             409: {"description": "placeholder_mismatch, layout_mismatch, descriptor_mismatch"},
@@ -118,11 +130,18 @@ def create_app(
             503: {"description": "store_unavailable, engine_unavailable (Retry-After)"},
         },
     )
-    async def generate(req: GenerateRequest) -> GenerateResponse:
+    async def generate(request: Request) -> Response:
         """Generate from rendered token ids and the descriptors of their images."""
+        # Parsed and answered by pydantic's JSON core directly: FastAPI's declared body goes
+        # through json.loads and Python-mode validation, and the ids of a long conversation (30 k)
+        # cost ~4 ms that way, ~2.6 ms this way; the response is built from checked parts.
+        try:
+            req = GenerateRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise malformed([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         response = await service.generate(req)
         metrics.requests.labels("ok").inc()
-        return response
+        return Response(response.model_dump_json(), media_type="application/json")
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
