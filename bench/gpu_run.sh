@@ -10,7 +10,8 @@
 #   openai     bench/openai_bench.py: turns 1-5, a long conversation to turn 20 (40 images) and
 #              32 concurrent 5-turn rollouts (throughput), refs vs vLLM's own server (data URIs)
 #   trainer    bench/trainer_bench.py at the same size (Qwen2-VL-2B-sized, bf16, CUDA)
-#   trainer-fsdp  the same, one process vs one FSDP2 rank, where trainer_bench.py has --parallelism
+#   trainer-fsdp  the same, one process vs one FSDP2 rank alternating in 4 rounds (AB BA AB BA),
+#              where trainer_bench.py has --parallelism
 #
 # The model is a Qwen2-VL-2B-sized random-weight checkpoint (mmstore_trainer.tiny_model), built
 # once under $MMSTORE_BENCH_CACHE (default /tmp/mmstore-models; MMSTORE_BENCH_MODEL=qwen2-vl-2b).
@@ -85,7 +86,7 @@ for s in "$@"; do
     trainer-fsdp)  # the trainer as one FSDP2 rank against one process (bench/trainer_bench.py of issue 21)
       if python3 bench/trainer_bench.py --help | grep -q -- '--parallelism'; then
         step trainer-fsdp 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b \
-          --parallelism off,fsdp --workers 0,2 --steps 12 --output "$results"
+          --parallelism off,fsdp --workers 0,2 --rounds 4 --steps 3 --output "$results"
       else
         echo "trainer-fsdp: bench/trainer_bench.py has no --parallelism here" | tee "$OUT/trainer-fsdp.log"
       fi ;;
