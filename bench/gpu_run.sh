@@ -11,7 +11,8 @@
 #              32 concurrent 5-turn rollouts (throughput), refs vs vLLM's own server (data URIs)
 #   prep       bench/vllm_prep_bench.py: vLLM's own processing of a 20-turn prompt's cached images
 #   trainer    bench/trainer_bench.py at the same size (Qwen2-VL-2B-sized, bf16, CUDA)
-#   trainer-fsdp  the same, one process vs one FSDP2 rank, where trainer_bench.py has --parallelism
+#   trainer-fsdp  the same, one process vs one FSDP2 rank alternating in 4 rounds (AB BA AB BA),
+#              where trainer_bench.py has --parallelism
 #
 # The model is a Qwen2-VL-2B-sized random-weight checkpoint (mmstore_trainer.tiny_model), built
 # once under $MMSTORE_BENCH_CACHE (default /tmp/mmstore-models; MMSTORE_BENCH_MODEL=qwen2-vl-2b).
@@ -88,7 +89,7 @@ for s in "$@"; do
     trainer-fsdp)  # the trainer as one FSDP2 rank against one process (bench/trainer_bench.py of issue 21)
       if python3 bench/trainer_bench.py --help | grep -q -- '--parallelism'; then
         step trainer-fsdp 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b \
-          --parallelism off,fsdp --workers 0,2 --steps 12 --output "$results"
+          --parallelism off,fsdp --workers 0,2 --rounds 4 --steps 3 --output "$results"
       else
         echo "trainer-fsdp: bench/trainer_bench.py has no --parallelism here" | tee "$OUT/trainer-fsdp.log"
       fi ;;

@@ -13,15 +13,22 @@ with the renderer, then measures:
    cache, verified, decoded, run through the checkpoint's HF image processor, checked against
    its descriptors) with 0 workers (inline, sequential) and with 2 and 4 worker threads;
    images/s, samples/s and MB/s of image bytes. One untimed warm-up pass first.
-2. Loader wait during training: ``--steps`` training steps (batch ``--batch-size``) per worker
-   setting; the fraction of step wall time the step spent blocked on the loader (all steps, and
-   steps 2.. which excludes filling the pipeline).
-3. With ``--parallelism off,fsdp``, step 2 again with the trainer as one FSDP2 rank (the code path
-   of ``torchrun --nproc-per-node N``, here a world of one: sharding, collectives and the full
-   state dict machinery, no second GPU), against the single-process trainer on the same model,
-   data and workers. On the lent H200, one command::
+2. Loader wait during training, in blocks: per worker setting ``--rounds`` rounds, each one block
+   per trainer; a block is a fresh trainer running 1 untimed step (the pipeline's fill, the
+   optimizer's state) then ``--steps`` timed steps (batch ``--batch-size``), every block on the
+   same batches. Median and IQR of the step time, and the fraction of it spent blocked on the
+   loader.
+3. With ``--parallelism off,fsdp``, the trainer as one FSDP2 rank (the code path of ``torchrun
+   --nproc-per-node N``, here a world of one: sharding, collectives and the full state dict
+   machinery, no second GPU) against the single-process trainer on the same model, data and
+   workers. The two alternate AB BA AB BA (each keeps its own model, built once, so nothing is
+   rebuilt between blocks), and each round's ratio of the two block medians is one paired
+   measurement: a drift of the machine's speed, which separate runs cannot tell from a difference
+   of the trainers, cancels. "No slower" holds when the median ratio is <= 1 + half the ratios'
+   IQR. On the lent H200, one command (``bench/gpu_run.sh trainer-fsdp``)::
 
-       python bench/trainer_bench.py --device cuda --config qwen2-vl-2b --parallelism off,fsdp --workers 0,2
+       python bench/trainer_bench.py --device cuda --config qwen2-vl-2b --parallelism off,fsdp \\
+           --workers 0,2 --rounds 4 --steps 3
 
    (target of issue 21: FSDP2 at one rank no slower than one process, loader wait < 5%).
 
@@ -172,7 +179,7 @@ def loader_pass(samples: list, url: str, model_dir: Path, processor: Any, worker
     }
 
 
-def training_run(
+def training_block(
     samples_path: Path,
     url: str,
     model_dir: Path,
@@ -180,11 +187,13 @@ def training_run(
     processor: Any,
     workers: int,
     opts: dict,
-    tmp: Path,
+    out: Path,
     parallelism: str = "off",
-) -> dict[str, float]:
-    """``steps`` training steps with the loader at ``workers``; the step's wait on the loader.
-    ``parallelism`` ``fsdp``: the trainer shards ``model`` (once; later runs reuse it) as rank 0
+) -> list:
+    """One block: a fresh trainer (optimizer, loader, cold client cache) runs ``opts["steps"]``
+    steps on ``model`` with the loader at ``workers``; its per-step metrics. Every block starts
+    from the same seed, so every block trains on the same batches in the same order.
+    ``parallelism`` ``fsdp``: the trainer shards ``model`` (once; later blocks reuse it) as rank 0
     of the process group the caller made."""
     from mmstore_client import StoreClient
     from mmstore_trainer import TrainConfig, Trainer
@@ -192,7 +201,7 @@ def training_run(
     config = TrainConfig(
         model=model_dir,
         data=[samples_path],
-        out=tmp / f"run-{parallelism}-w{workers}",
+        out=out,
         parallelism=parallelism,
         store=url,
         steps=opts["steps"],
@@ -211,19 +220,63 @@ def training_run(
     ):
         report = trainer.run()
         del trainer.optimizer
-    m = report.metrics
-    steady = m[1:] or m
+    return report.metrics
+
+
+def abba(modes: list[str], round_: int) -> list[str]:
+    """The modes in round ``round_``: in order on even rounds, reversed on odd ones (AB BA AB
+    BA...), so a drift in the machine's speed over the run weighs on every mode alike."""
+    return modes if round_ % 2 == 0 else modes[::-1]
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = np.percentile(xs, [25, 50, 75])
+    return float(q1), float(q2), float(q3)
+
+
+def mode_summary(blocks: list[dict], mode: str, workers: int) -> dict[str, Any]:
+    """One mode at one worker count: its timed steps pooled over the rounds."""
+    mine = [b for b in blocks if b["mode"] == mode and b["workers"] == workers]
+    timed = [m for b in mine for m in b["timed"]]
+    q1, median, q3 = quartiles([m.step_s for m in timed])
+    block_medians = [b["median_s"] for b in mine]
     return {
-        "trainer": TRAINERS[parallelism],
+        "trainer": TRAINERS[mode],
         "workers": workers,
-        "steps": len(m),
-        "step_s": sum(x.step_s for x in m) / len(m),
-        "steady_step_s": sum(x.step_s for x in steady) / len(steady),
-        "wait_frac": sum(x.wait_s for x in m) / sum(x.step_s for x in m),
-        "steady_wait_frac": sum(x.wait_s for x in steady) / sum(x.step_s for x in steady),
-        "tokens_per_step": sum(x.tokens for x in m) / len(m),
-        "images_per_step": sum(x.images for x in m) / len(m),
-        "micro_batches": sum(x.micro_batches for x in m) / len(m),
+        "blocks": len(mine),
+        "steps": len(timed),
+        "median_s": median,
+        "q1_s": q1,
+        "q3_s": q3,
+        # the same mode's block medians, highest over lowest: the drift that pairing removes
+        "block_drift": max(block_medians) / min(block_medians) - 1,
+        "wait_frac": sum(m.wait_s for m in timed) / sum(m.step_s for m in timed),
+        "first_wait_frac": sum(b["first"].wait_s for b in mine) / sum(b["first"].step_s for b in mine),
+        "tokens_per_step": sum(m.tokens for m in timed) / len(timed),
+        "images_per_step": sum(m.images for m in timed) / len(timed),
+        "micro_batches": sum(m.micro_batches for m in timed) / len(timed),
+    }
+
+
+def paired(blocks: list[dict], workers: int) -> dict[str, Any] | None:
+    """FSDP2 over one process, round by round (each a ratio of the two blocks' median step
+    times), at one worker count; None when one of the modes did not run."""
+    rounds = sorted({b["round"] for b in blocks if b["workers"] == workers})
+    by = {(b["round"], b["mode"]): b["median_s"] for b in blocks if b["workers"] == workers}
+    ratios = [by[r, "fsdp"] / by[r, "off"] for r in rounds if (r, "fsdp") in by and (r, "off") in by]
+    if not ratios:
+        return None
+    q1, median, q3 = quartiles(ratios)
+    noise = (q3 - q1) / 2
+    return {
+        "workers": workers,
+        "ratios": ratios,
+        "median": median,
+        "q1": q1,
+        "q3": q3,
+        "noise": noise,
+        "slower_rounds": sum(r > 1 for r in ratios),
+        "holds": median <= 1 + noise,
     }
 
 
@@ -257,16 +310,19 @@ TRAINERS = {"off": "1 process", "fsdp": "FSDP2, 1 rank"}
 RUN_COLS = [
     "trainer",
     "workers",
-    "step s",
-    "step s (2..)",
-    "wait (all)",
-    "wait (2..)",
+    "timed steps",
+    "step s (median)",
+    "IQR s",
+    "block drift",
+    "wait",
+    "wait (1st steps)",
     "tokens/step",
     "images/step",
-    "tokens/s (2..)",
-    "images/s (2..)",
+    "tokens/s",
+    "images/s",
     "micro-batches",
 ]
+PAIR_COLS = ["workers", "FSDP2 / 1 process, per round", "median", "IQR", "noise", "slower in", "no slower"]
 WAIT_TARGET = 0.05  # loader wait under 5% of step time (issue), with background workers
 
 
@@ -288,19 +344,33 @@ def run_cells(r: dict) -> list[str]:
     return [
         r["trainer"],
         str(r["workers"]),
-        f"{r['step_s']:.3f}",
-        f"{r['steady_step_s']:.3f}",
-        f"{100 * r['wait_frac']:.0f}%",
-        f"{100 * r['steady_wait_frac']:.0f}%",
+        f"{r['blocks']} x {r['steps'] // r['blocks']}",
+        f"{r['median_s']:.3f}",
+        f"{r['q1_s']:.3f}-{r['q3_s']:.3f}",
+        f"{100 * r['block_drift']:.0f}%",
+        f"{100 * r['wait_frac']:.1f}%",
+        f"{100 * r['first_wait_frac']:.0f}%",
         f"{r['tokens_per_step']:.0f}",
         f"{r['images_per_step']:.0f}",
-        f"{r['tokens_per_step'] / r['steady_step_s']:,.0f}",
-        f"{r['images_per_step'] / r['steady_step_s']:.1f}",
+        f"{r['tokens_per_step'] / r['median_s']:,.0f}",
+        f"{r['images_per_step'] / r['median_s']:.1f}",
         f"{r['micro_batches']:.1f}",
     ]
 
 
-def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
+def pair_cells(p: dict) -> list[str]:
+    return [
+        str(p["workers"]),
+        ", ".join(f"{r:.3f}" for r in p["ratios"]),
+        f"{p['median']:.3f}",
+        f"{p['q1']:.3f}-{p['q3']:.3f}",
+        f"±{100 * p['noise']:.1f}%",
+        f"{p['slower_rounds']} of {len(p['ratios'])} rounds",
+        "holds" if p["holds"] else f"no: {100 * (p['median'] - 1):+.1f}%",
+    ]
+
+
+def markdown(loads: list[dict], runs: list[dict], pairs: list[dict], info: dict[str, Any]) -> str:
     lines = [
         "## Trainer",
         "",
@@ -323,48 +393,64 @@ def markdown(loads: list[dict], runs: list[dict], info: dict[str, Any]) -> str:
         "",
         "### Step time waiting on the loader",
         "",
-        f"{info['steps']} training steps of {info['batch_size']} samples (token budget "
-        f"{info['token_budget']}, {info['precision']}); wait = time the step spent blocked on the loader, "
-        "as a fraction of step wall time (all steps; and steps 2.., excluding the first fill of the "
-        "pipeline). One untimed 2-step run first warms up kernels and the allocator.",
+        f"Steps of {info['batch_size']} samples (token budget {info['token_budget']}, {info['precision']}), "
+        f"in blocks: {info['rounds']} rounds per worker setting, each round one block per trainer "
+        f"({info['order']}), a block = a fresh trainer (optimizer, loader, cold client cache) running "
+        f"1 untimed step (it fills the loader's pipeline and allocates the optimizer's state) and then "
+        f"{info['steps']} timed steps, every block on the same batches in the same order. Each trainer "
+        "keeps its own model for the whole run (FSDP2 shards its copy in place, once), and one untimed "
+        "2-step block per trainer first warms up kernels and the allocator. Step time: median and "
+        "interquartile range of the timed steps of all blocks; block drift: the same trainer's slowest "
+        "block median over its fastest (what the machine's drift does to runs that go one after the "
+        "other); wait: time the timed steps spent blocked on the loader, as a fraction of their wall "
+        "time (wait (1st steps): the untimed first steps, filling the pipeline).",
         "",
         *md_table(RUN_COLS, [run_cells(r) for r in runs], left=RUN_COLS[:1]),
         "",
         wait_target(runs),
         "",
-        *fsdp_versus_one(runs),
+        *fsdp_versus_one(pairs),
     ]
     return "\n".join(lines)
 
 
 def wait_target(runs: list[dict]) -> str:
-    """The issue's target, judged on the runs with background loader workers."""
+    """The issue's target, judged on the timed steps of the runs with background loader workers
+    (each trainer's best worker count; the worst trainer counts)."""
     background = [r for r in runs if r["workers"] > 0]
     if not background:
         return "Target (issue): loader wait under 5% of step time: not measured (no run with loader workers)."
-    best = min(background, key=lambda r: r["steady_wait_frac"])
-    verdict = "met" if best["steady_wait_frac"] < WAIT_TARGET else "not met"
+    best = {}
+    for r in background:
+        if r["trainer"] not in best or r["wait_frac"] < best[r["trainer"]]["wait_frac"]:
+            best[r["trainer"]] = r
+    worst = max(best.values(), key=lambda r: r["wait_frac"])
+    verdict = "met" if worst["wait_frac"] < WAIT_TARGET else "not met"
+    each = "; ".join(f"{t}: {100 * r['wait_frac']:.1f}% with {r['workers']} workers" for t, r in best.items())
     return (
-        f"Target (issue): loader wait under {WAIT_TARGET:.0%} of step time: {verdict} "
-        f"({100 * best['steady_wait_frac']:.0f}% in steps 2.., {100 * best['wait_frac']:.0f}% over all "
-        f"steps, with {best['workers']} loader workers). tokens/s and images/s: per step over the step "
-        "time of steps 2.."
+        f"Target (issue): loader wait under {WAIT_TARGET:.0%} of step time: {verdict} ({each}; timed "
+        "steps). tokens/s and images/s: per step over the median step time."
     )
 
 
-def fsdp_versus_one(runs: list[dict]) -> list[str]:
-    """FSDP2 at one rank against one process, at each worker count measured both ways."""
-    one = {r["workers"]: r for r in runs if r["trainer"] == TRAINERS["off"]}
-    pairs = [(one[r["workers"]], r) for r in runs if r["trainer"] == TRAINERS["fsdp"] and r["workers"] in one]
+def fsdp_versus_one(pairs: list[dict]) -> list[str]:
+    """FSDP2 at one rank against one process: paired ratios per round and the verdict's rule."""
     if not pairs:
         return []
-    ratios = ", ".join(
-        f"{100 * (f['steady_step_s'] / o['steady_step_s'] - 1):+.0f}% with {o['workers']} workers"
-        for o, f in pairs
+    verdicts = "; ".join(
+        f"{p['workers']} workers: {'holds' if p['holds'] else 'does not hold'} "
+        f"(median {100 * (p['median'] - 1):+.1f}%, noise ±{100 * p['noise']:.1f}%)"
+        for p in pairs
     )
     return [
-        f"FSDP2 at one rank against one process, step time of steps 2..: {ratios} "
-        "(target of issue 21: no slower; wait < 5%).",
+        "FSDP2 at one rank against one process (target of issue 21: no slower). Each round gives one "
+        "paired ratio, the FSDP2 block's median step time over the one-process block's of the same "
+        "round (adjacent in time, so drift cancels); noise = half the interquartile range of the "
+        'rounds\' ratios. Rule: "no slower" holds when the median ratio <= 1 + noise.',
+        "",
+        *md_table(PAIR_COLS, [pair_cells(p) for p in pairs], left=PAIR_COLS[1:2]),
+        "",
+        f"No slower: {verdicts}.",
         "",
     ]
 
@@ -384,7 +470,10 @@ def main(
     width: Annotated[int, typer.Option(min=1)] = 640,
     height: Annotated[int, typer.Option(min=1)] = 480,
     workers: Annotated[str, typer.Option(help="comma-separated loader worker counts")] = "0,2,4",
-    steps: Annotated[int, typer.Option(min=2)] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps per block, after 1 untimed step")] = 4,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="blocks per trainer and worker count; trainers alternate AB BA")
+    ] = 2,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     token_budget: Annotated[int, typer.Option(min=1)] = 8192,
     gradient_checkpointing: Annotated[
@@ -441,30 +530,51 @@ def main(
             loads[-1]["spread"] = spread
             typer.echo(f"loader workers={w}: {loads[-1]['images_per_s']:.1f} images/s (passes: {spread})")
 
-        t0 = time.perf_counter()
-        model = build_model(model_dir, device, dtype)
-        n_params = sum(p.numel() for p in model.parameters())
-        typer.echo(
-            f"model: {n_params / 1e6:.1f} M parameters, {dtype}, built in {time.perf_counter() - t0:.1f}s"
-        )
-        opts = {"steps": steps, "batch_size": batch_size, "token_budget": token_budget}
+        models = {}  # one per trainer: FSDP2 shards its copy in place, so the modes alternate unrebuilt
+        for mode in modes:
+            t0 = time.perf_counter()
+            models[mode] = build_model(model_dir, device, dtype)
+            n_params = sum(p.numel() for p in models[mode].parameters())
+            typer.echo(
+                f"model for {TRAINERS[mode]}: {n_params / 1e6:.1f} M parameters, {dtype}, "
+                f"built in {time.perf_counter() - t0:.1f}s"
+            )
+        opts = {"steps": 1 + steps, "batch_size": batch_size, "token_budget": token_budget}
         opts["gradient_checkpointing"] = gradient_checkpointing
         warm = {**opts, "steps": 2}  # untimed: kernels, allocator and autotuning warm up
-        runs = []
+        group = Ranks.join(device, 600.0) if "fsdp" in modes else None  # a world of one rank, for every block
+        args = (samples_path, url, model_dir)
         for mode in modes:
-            group = Ranks.join(device, 600.0) if mode == "fsdp" else None  # a world of one rank
-            args = (samples_path, url, model_dir, model, processor)
-            training_run(*args, max(counts), warm, tmp, mode)
-            for w in counts:
-                runs.append(training_run(*args, w, opts, tmp, mode))
-                typer.echo(
-                    f"train {TRAINERS[mode]} workers={w}: step {runs[-1]['step_s']:.3f}s, "
-                    f"wait {100 * runs[-1]['wait_frac']:.0f}%"
-                )
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            if group is not None:
-                group.leave()
+            training_block(*args, models[mode], processor, max(counts), warm, tmp / f"warm-{mode}", mode)
+        blocks = []
+        for w in counts:
+            for r in range(rounds):
+                for mode in abba(modes, r):
+                    out = tmp / f"run-w{w}-r{r}-{mode}"
+                    metrics = training_block(*args, models[mode], processor, w, opts, out, mode)
+                    timed = metrics[1:]
+                    median = float(np.median([m.step_s for m in timed]))
+                    blocks.append(
+                        {
+                            "mode": mode,
+                            "workers": w,
+                            "round": r,
+                            "first": metrics[0],
+                            "timed": timed,
+                            "median_s": median,
+                        }
+                    )
+                    wait = sum(m.wait_s for m in timed) / sum(m.step_s for m in timed)
+                    typer.echo(
+                        f"train {TRAINERS[mode]} workers={w} round {r + 1}/{rounds}: "
+                        f"median step {median:.3f}s, wait {100 * wait:.1f}%"
+                    )
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+        if group is not None:
+            group.leave()
+        runs = [mode_summary(blocks, mode, w) for mode in modes for w in counts]
+        pairs = [p for w in counts if (p := paired(blocks, w))] if len(modes) == 2 else []
 
     autocast = " under bf16 autocast" if device.startswith("cuda") else ""
     info = {
@@ -482,12 +592,15 @@ def main(
         "height": height,
         "image_kb": nbytes / (samples * images_per_sample) / 1e3,
         "steps": steps,
+        "rounds": rounds,
+        "order": " ".join("".join(m[0].upper() for m in abba(modes, r)) for r in range(rounds))
+        + " (O = one process, F = FSDP2)",
         "batch_size": batch_size,
         "token_budget": token_budget,
         "precision": f"{dtype} weights{autocast}"
         + (", gradient checkpointing" if gradient_checkpointing else ""),
     }
-    section = markdown(loads, runs, info)
+    section = markdown(loads, runs, pairs, info)
     typer.echo(section)
     if write:
         # one section per kind of device, so a CPU run never replaces the GPU figures

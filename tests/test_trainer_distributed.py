@@ -173,6 +173,38 @@ def test_two_ranks_train_as_one_process_and_fetch_only_their_images(
     assert not needed[0] & needed[1] and fetched == len(set().union(*digests.values()))
 
 
+def test_one_rank_fsdp_steps_as_one_process_with_one_fused_optimizer_kernel(
+    tiny_qwen2_vl, store, shared_batch, tmp_path
+):
+    """The 1-rank FSDP2 trainer (a process group of its own, made in this process) updates the
+    weights as one process does, with AdamW fused in both: the default foreach optimizer
+    dispatches each list op through DTensor parameter by parameter under FSDP2 (bench/
+    trainer_bench.py measures what that cost)."""
+    path, samples = shared_batch
+    common = dict(
+        model=tiny_qwen2_vl, data=[path], store=store.url, steps=2, batch_size=4, lr=1e-3,
+        token_budget=max(len(s.token_ids) for s in samples) + 8, progress=False, device="cpu",
+    )  # fmt: skip
+    reports, fused = {}, {}
+    for mode in ("off", "fsdp"):
+        with Trainer(TrainConfig(out=tmp_path / mode, parallelism=mode, **common)) as trainer:
+            reports[mode] = trainer.run()
+            fused[mode] = trainer.optimizer.defaults["fused"]
+            assert (trainer.ranks is not None) == (mode == "fsdp")
+    assert not torch.distributed.is_initialized()  # the trainer left the group it made
+    assert fused == {"off": True, "fsdp": True}
+    one, rank = reports["off"], reports["fsdp"]
+    for m1, m2 in zip(one.metrics, rank.metrics, strict=True):
+        assert m2.loss == pytest.approx(m1.loss, abs=1e-5)
+        assert m2.grad_norm == pytest.approx(m1.grad_norm, rel=1e-4)
+    w1, w2 = weights(one.checkpoint), weights(rank.checkpoint)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=2e-5, rtol=1e-4, msg=name)
+    base = weights(tiny_qwen2_vl)
+    assert any(not torch.equal(base[k], w2[k]) for k in base)  # it trained
+
+
 @pytest.mark.slow
 def test_killed_rank_fails_the_run(tiny_qwen2_vl, store, shared_batch, tmp_path):
     path, _ = shared_batch

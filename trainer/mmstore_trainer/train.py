@@ -59,6 +59,10 @@ class TrainReport:
         return self.metrics[-1].loss
 
 
+# Devices with torch's fused AdamW kernel (elsewhere the optimizer falls back to foreach).
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,8 +126,15 @@ class Trainer:
             if config.mask_image_tokens
             else None
         )
+        # Fused: one kernel over every parameter. The default (foreach) makes a dozen list ops a
+        # step, and under FSDP2 each goes through DTensor's dispatch parameter by parameter: for
+        # the 729 parameters of a 2B Qwen2-VL, 165-275 ms of CPU a step on the dev machine's CPU
+        # against 21-30 ms fused (one process: 24-41 ms against 4-7 ms).
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=self.device.type in FUSED_OPTIMIZER_DEVICES,
         )
         self.step_count = 0
         self.rank_metrics: StepMetrics | None = None  # this rank's part of the last step
