@@ -11,6 +11,7 @@
 #              32 concurrent 5-turn rollouts (throughput), refs vs vLLM's own server (data URIs)
 #   prep       bench/vllm_prep_bench.py: vLLM's own processing of a 20-turn prompt's cached images
 #   trainer    bench/trainer_bench.py at the same size (Qwen2-VL-2B-sized, bf16, CUDA)
+#   trainer-profile  both trainers' steps under torch.profiler (operator tables into $OUT)
 #   trainer-fsdp  the same, one process vs one FSDP2 rank alternating in 4 rounds (AB BA AB BA),
 #              where trainer_bench.py has --parallelism
 #
@@ -93,6 +94,9 @@ for s in "$@"; do
       else
         echo "trainer-fsdp: bench/trainer_bench.py has no --parallelism here" | tee "$OUT/trainer-fsdp.log"
       fi ;;
-    *) echo "unknown step $s (smoke, inference, openai, prep, trainer, trainer-fsdp)"; exit 2 ;;
+    trainer-profile)  # where the two trainers' step time goes: torch.profiler tables, no results section
+      step trainer-profile 420 python3 bench/trainer_bench.py --device cuda --config qwen2-vl-2b \
+        --parallelism off,fsdp --workers 2 --steps 3 --repeats 1 --no-write --profile "$OUT/trainer-profile.txt" ;;
+    *) echo "unknown step $s (smoke, inference, openai, prep, trainer, trainer-fsdp, trainer-profile)"; exit 2 ;;
   esac
 done

@@ -45,7 +45,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -221,6 +221,32 @@ def training_block(
         report = trainer.run()
         del trainer.optimizer
     return report.metrics
+
+
+def profile_blocks(path: Path, modes: list[str], block: Callable[[str], list]) -> None:
+    """Run ``block(mode)`` for each trainer under torch.profiler; write where the time goes: the
+    operators by self device time and by CPU time, and each block's step times (profiled, so
+    slower than unprofiled ones: compare the trainers with each other, not with the rounds)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    parts = []
+    for mode in modes:
+        with torch_profile(activities=activities) as prof:
+            metrics = block(mode)
+        steps = ", ".join(f"{m.step_s:.3f}" for m in metrics)
+        device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        averages = prof.key_averages()
+        parts += [
+            f"=== {TRAINERS[mode]}: step s {steps}",
+            averages.table(sort_by=device_key, row_limit=30, max_name_column_width=70),
+            averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70),
+        ]
+        typer.echo(f"profiled {TRAINERS[mode]}: step s {steps}")
+    path.write_text("\n\n".join(parts) + "\n")
+    typer.echo(f"wrote {path}")
 
 
 def abba(modes: list[str], round_: int) -> list[str]:
@@ -485,6 +511,13 @@ def main(
     parallelism: Annotated[
         str, typer.Option(help="comma-separated trainers: off (one process), fsdp (FSDP2, one rank)")
     ] = "off",
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="instead of the timed rounds: one block of --steps steps per trainer under "
+            "torch.profiler, its operators by self device time and by CPU time written to this file"
+        ),
+    ] = None,
 ) -> None:
     import torch
     from mmstore_client.layouts import from_pretrained as layout_from_pretrained
@@ -546,6 +579,17 @@ def main(
         args = (samples_path, url, model_dir)
         for mode in modes:
             training_block(*args, models[mode], processor, max(counts), warm, tmp / f"warm-{mode}", mode)
+        if profile is not None:
+            profile_blocks(
+                profile,
+                modes,
+                lambda mode: training_block(
+                    *args, models[mode], processor, max(counts), opts, tmp / f"profile-{mode}", mode
+                ),
+            )
+            if group is not None:
+                group.leave()
+            return
         blocks = []
         for w in counts:
             for r in range(rounds):
