@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mmstore_client.descriptor import Descriptor, ImageSpan
-from mmstore_client.samples import Sample, SampleFileError, read_samples, write_samples
+from mmstore_client.render import Rendered
+from mmstore_client.samples import Sample, SampleFileError, read_samples, sample_from_rendered, write_samples
 from model_strategies import element, field_values, for_field, for_model
 
 
@@ -166,3 +167,11 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError, match=r"mmstore-client\[parquet\]"):
         write_samples(tmp_path / "s.parquet", [sample])
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_prompt_rendered_without_its_assistant_mask_is_no_sample():
+    unmasked = Rendered([1, 2, 3], [], [], None)
+    with pytest.raises(ValueError, match="without its assistant mask"):
+        sample_from_rendered(unmasked, sample_id="s", advantages=1.0)
+    masked = Rendered([1, 2, 3], [], [], [False, True, True])
+    assert sample_from_rendered(masked, sample_id="s", advantages=1.0).loss_mask == [False, True, True]

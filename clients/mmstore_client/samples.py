@@ -109,7 +109,13 @@ def sample_from_rendered(
     ``prompt.extend(completion_ids, assistant=True)``): its ids, descriptors and spans, the
     assistant tokens as the loss mask, and ``logprobs`` per token (0.0 everywhere when not given).
     ``pixel_digests``: per image, what inference reported it sampled from (the trainer's pixel
-    check)."""
+    check). A conversation rendered without its mask (``render(..., assistant_mask=False)``) has
+    nothing to train on: ``ValueError``."""
+    if rendered.assistant_mask is None:
+        raise ValueError(
+            f"sample {sample_id!r}: rendered without its assistant mask (render(..., "
+            "assistant_mask=False)), so no token is marked for training; render it with the mask"
+        )
     n = len(rendered.token_ids)
     return Sample(
         sample_id=sample_id,
