@@ -490,7 +490,10 @@ def main(
     config: Annotated[
         str, typer.Option(help="tiny (tiny random Qwen2-VL) or qwen2-vl-2b (random weights)")
     ] = "tiny",
-    dtype: Annotated[str, typer.Option(help="weights: float32 or bfloat16 (default: bf16 for 2B)")] = "",
+    dtype: Annotated[
+        str,
+        typer.Option(help="weights: float32 (master weights, as mmstore-trainer loads them) or bfloat16"),
+    ] = "float32",
     samples: Annotated[int, typer.Option(min=1)] = 64,
     images_per_sample: Annotated[int, typer.Option(min=1)] = 2,
     width: Annotated[int, typer.Option(min=1)] = 640,
@@ -528,7 +531,6 @@ def main(
     if config not in ("tiny", "qwen2-vl-2b"):
         raise typer.BadParameter(f"--config must be tiny or qwen2-vl-2b, got {config!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = dtype or ("bfloat16" if config == "qwen2-vl-2b" else "float32")
     if gradient_checkpointing is None:  # a 2B step of 8 samples x 2 images needs ~75 GB without it
         gradient_checkpointing = config == "qwen2-vl-2b"
     counts = [int(w) for w in workers.split(",")]

@@ -66,6 +66,9 @@ def train(
     ] = _default("missing_images"),
     device: Annotated[str, _opt("device")] = _default("device"),
     attn_implementation: Annotated[str | None, _opt("attn-implementation")] = _default("attn_implementation"),
+    varlen_vision_attention: Annotated[
+        bool, _opt("varlen-vision-attention/--no-varlen-vision-attention")
+    ] = _default("varlen_vision_attention"),
     seed: Annotated[int, _opt("seed")] = _default("seed"),
     save_every: Annotated[int, _opt("save-every", min=0)] = _default("save_every"),
     gradient_checkpointing: Annotated[bool, _opt("gradient-checkpointing")] = _default(
@@ -111,6 +114,7 @@ def train(
         missing_images=missing_images,
         device=device,
         attn_implementation=attn_implementation,
+        varlen_vision_attention=varlen_vision_attention,
         seed=seed,
         save_every=save_every,
         gradient_checkpointing=gradient_checkpointing,

@@ -91,6 +91,11 @@ class TrainConfig(BaseModel):
 
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
     attn_implementation: str | None = Field(None, description="transformers' attention (default: sdpa)")
+    varlen_vision_attention: bool = Field(
+        True,
+        description="on CUDA, a vision tower under sdpa attends over all images of a micro-batch in "
+        "one variable-length flash-attention call a layer (torch.nn.attention.varlen), not one per image",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     seed: int = Field(
         0, description="torch seed (dropout, if any) and the seed of the samples' assignment to ranks"

@@ -24,6 +24,7 @@ import torch
 from mmstore_client import StoreClient
 from mmstore_client.placeholders import image_markup_ids
 
+from mmstore_trainer.attention import use_varlen, varlen_available
 from mmstore_trainer.checkpoint import save_checkpoint
 from mmstore_trainer.config import Parallelism, TrainConfig
 from mmstore_trainer.data import MaterializedSample, Materializer
@@ -116,6 +117,8 @@ class Trainer:
             strict_pixels=config.strict_pixels,
         )
         self.family = self.materializer.family
+        if config.varlen_vision_attention and varlen_available(next(model.parameters()).device):
+            use_varlen(self.family.varlen_attention_configs(model))
         if self.ranks is not None:
             model = self.ranks.shard(model, self.family.shard_units(model))
         self.model = model

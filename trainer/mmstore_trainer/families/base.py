@@ -9,7 +9,10 @@ its position scheme; it asks the family. A family answers five questions:
 * how per-sample position ids concatenate so that attention does not cross samples;
 * the forward kwargs of a packed micro-batch;
 * which of the model's modules FSDP may shard as units of their own (modules that run in every
-  forward, whatever the micro-batch holds).
+  forward, whatever the micro-batch holds);
+* which of its attention configs attend within packed sequences given by ``cu_seqlens`` (a
+  vision tower's images), so that they can run as one variable-length call
+  (:mod:`mmstore_trainer.attention`).
 
 Families register with :func:`register`, keyed by the layout family of
 :mod:`mmstore_client.layouts` (the descriptor's ``family``), so the descriptor, the layout and
@@ -85,6 +88,11 @@ class Family(ABC):
         """Modules FSDP shards one by one (the rest is sharded with the root, gathered whole for
         each forward). Only modules that run in every forward qualify: the ranks' all-gathers
         must pair up. None by default (correct for any model, the least memory-efficient)."""
+        return []
+
+    def varlen_attention_configs(self, model: Any) -> list[Any]:
+        """The configs of the model's parts whose attention transformers runs per packed sequence
+        (``cu_seqlens``), e.g. a vision tower's per image. None by default."""
         return []
 
 

@@ -11,7 +11,8 @@
   boundaries from resets in that row (``find_packed_sequence_indices``) and builds a
   block-diagonal causal mask (sdpa/eager/flex) or passes the boundaries to flash-attention's
   varlen kernel. So each sample's first row is ``arange(len)``: it resets at every boundary.
-  The vision tower already attends per image (``cu_seqlens`` from ``image_grid_thw``).
+  The vision tower already attends per image (``cu_seqlens`` from ``image_grid_thw``); its
+  config is the one :meth:`QwenVLFamily.varlen_attention_configs` names.
   ``use_cache=False`` is required: with a cache, transformers skips the packed-mask detection.
 * FSDP units: the language model's decoder layers, which every forward runs. The vision tower
   runs only for micro-batches with images, so it stays in the root unit.
@@ -72,3 +73,6 @@ class QwenVLFamily(Family):
 
     def shard_units(self, model: Any) -> list[Any]:
         return list(model.model.language_model.layers)
+
+    def varlen_attention_configs(self, model: Any) -> list[Any]:
+        return [model.model.visual.config]
