@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 from support import FetchingRenderer
 from test_trainer_data import make_sample, upload
+from torch.distributed.tensor import DTensor
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 BLOB_GET = {"route": "/v1/blobs/{digest}", "method": "GET", "status": "200"}
@@ -177,9 +178,10 @@ def test_one_rank_fsdp_steps_as_one_process_with_one_fused_optimizer_kernel(
     tiny_qwen2_vl, store, shared_batch, tmp_path
 ):
     """The 1-rank FSDP2 trainer (a process group of its own, made in this process) updates the
-    weights as one process does, with AdamW fused in both: the default foreach optimizer
-    dispatches each list op through DTensor parameter by parameter under FSDP2 (bench/
-    trainer_bench.py measures what that cost)."""
+    weights as one process does, with AdamW fused in both and, under FSDP2, holding the rank's
+    shards as plain tensors that share the DTensors' storage: through DTensor each list op of
+    the optimizer and of clipping dispatches parameter by parameter (bench/trainer_bench.py
+    measures what that cost)."""
     path, samples = shared_batch
     common = dict(
         model=tiny_qwen2_vl, data=[path], store=store.url, steps=2, batch_size=4, lr=1e-3,
@@ -190,6 +192,11 @@ def test_one_rank_fsdp_steps_as_one_process_with_one_fused_optimizer_kernel(
         with Trainer(TrainConfig(out=tmp_path / mode, parallelism=mode, **common)) as trainer:
             reports[mode] = trainer.run()
             fused[mode] = trainer.optimizer.defaults["fused"]
+            held = trainer.optimizer.param_groups[0]["params"]
+            assert not any(isinstance(p, DTensor) for p in held)
+            if mode == "fsdp":  # each is its parameter's local shard, the same memory
+                locals_ = [p.to_local() for p in trainer.model.parameters()]
+                assert [p.data_ptr() for p in held] == [t.data_ptr() for t in locals_]
             assert (trainer.ranks is not None) == (mode == "fsdp")
     assert not torch.distributed.is_initialized()  # the trainer left the group it made
     assert fused == {"off": True, "fsdp": True}

@@ -17,6 +17,12 @@ code path, which is what the tests run). Everything collective is torch.distribu
   result is the gradient of the global token-level loss, exactly as one process computes it;
 * every rank runs as many forward/backward passes as the rank with the most micro-batches (the
   extra passes repeat a micro-batch with weight 0), because FSDP's all-gathers must pair up;
+* the optimizer and the gradient clipping work on each rank's shards as plain tensors
+  (:meth:`Ranks.local`: views of the DTensors' local storage, so an update is the DTensor's):
+  through DTensor, clipping's list ops and the fused AdamW dispatch parameter by parameter
+  (measured at one rank on an H200 with the 2B model: 3% of the step, the most of FSDP2's cost
+  there); the global gradient norm is then one ``all_reduce`` of the shards' squared norms
+  (:meth:`Ranks.global_norm`);
 * the checkpoint is one full state dict (``get_model_state_dict`` with ``full_state_dict`` and
   ``cpu_offload``) written by rank 0 alone.
 
@@ -147,6 +153,19 @@ class Ranks:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
+
+    # -- the optimizer's tensors ---------------------------------------------------------------
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of DTensor ``t`` as a plain tensor sharing its storage."""
+        with torch.no_grad():  # without autograd, to_local is the local tensor itself, not a copy
+            return t.to_local()
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The 2-norm over every rank's shards from this rank's (the shards are disjoint)."""
+        squares = local_norm.square()
+        dist.all_reduce(squares)
+        return squares.sqrt()
 
     # -- reductions ----------------------------------------------------------------------------
     def max_int(self, value: int) -> int:

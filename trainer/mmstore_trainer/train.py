@@ -14,7 +14,6 @@ loss are computed in float32 either way). Gradients of all micro-batches of a st
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,12 +128,13 @@ class Trainer:
             if config.mask_image_tokens
             else None
         )
-        # Fused: one kernel over every parameter. The default (foreach) makes a dozen list ops a
-        # step, and under FSDP2 each goes through DTensor's dispatch parameter by parameter: for
-        # the 729 parameters of a 2B Qwen2-VL, 165-275 ms of CPU a step on the dev machine's CPU
-        # against 21-30 ms fused (one process: 24-41 ms against 4-7 ms).
+        # Fused: one kernel over every parameter (the default, foreach, makes a dozen list ops a
+        # step). Under FSDP the optimizer holds this rank's shards as plain tensors (see
+        # :mod:`.distributed`), whose gradients are set from the DTensors' before each step.
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shards = [Ranks.local(p) for p in self.params] if self.ranks is not None else self.params
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
+            self.shards,
             lr=config.lr,
             weight_decay=config.weight_decay,
             fused=self.device.type in FUSED_OPTIMIZER_DEVICES,
@@ -196,14 +196,24 @@ class Trainer:
         return stats
 
     def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Clip the gradients to ``max_grad_norm`` (over all ranks), one AdamW step; the norm."""
+        pairs = [(s, p.grad) for s, p in zip(self.shards, self.params, strict=True) if p.grad is not None]
         grad_norm = 0.0
-        if params:
-            max_norm = self.config.max_grad_norm or math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if pairs:
+            if self.ranks is not None:
+                for shard, grad in pairs:
+                    shard.grad = Ranks.local(grad)
+            shards = [shard for shard, _ in pairs]
+            norm = torch.nn.utils.get_total_norm([shard.grad for shard in shards])
+            if self.ranks is not None:
+                norm = self.ranks.global_norm(norm)
+            if self.config.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(shards, self.config.max_grad_norm, norm)
+            grad_norm = float(norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ranks is not None:
+            self.model.zero_grad(set_to_none=True)  # the DTensor gradients the shards' were views of
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return grad_norm
