@@ -139,3 +139,13 @@ def test_real_varlen_kernel_matches_per_image_sdpa_on_cuda(tiny_qwen2_vl):
     ga = torch.cat([p.grad.float().flatten() for p in ours.model.visual.parameters()])
     gb = torch.cat([p.grad.float().flatten() for p in theirs.model.visual.parameters()])
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+
+
+def test_a_checkpoint_saved_after_the_switch_reloads_anywhere(tiny_qwen2_vl, tmp_path):
+    """The switch is a run-time setting: config.json does not carry it, so the checkpoint loads
+    in transformers (which would look for a hub kernel of that name) and vLLM as before."""
+    model = load(tiny_qwen2_vl)
+    use_varlen(QwenVLFamily(None).varlen_attention_configs(model))
+    model.save_pretrained(tmp_path)
+    assert VARLEN not in (tmp_path / "config.json").read_text()
+    assert load(tmp_path).config.vision_config._attn_implementation == "sdpa"
