@@ -25,6 +25,7 @@ tables and rewrites the ``## Inference`` section of ``bench/RESULTS.md`` (betwee
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -240,14 +241,21 @@ async def run_block(paths: Paths, phase: str, conv: list[Turn], b_first: bool, g
 def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5) -> dict[str, dict]:
     """Per kind of image, medians per image (ms) of what a cold image costs the service outside
     vLLM, measured here with the service's own functions: GET from the store, blake3 verify,
-    ``decode.decode_rgb`` (and, inside it, ``decode.probe``)."""
-    from mmstore_client import decode
+    ``decode.decode_rgb`` (and, inside it, ``decode.probe``); and the read of the pixels the store
+    kept instead (``StoreClient.pixels``; NaN where it keeps none, as for JPEGs)."""
+    from mmstore_client import StoreClient, decode
     from mmstore_client.digest import compute_digest
 
     out = {}
-    with httpx.Client(base_url=store_url, timeout=30) as c:
+    with httpx.Client(base_url=store_url, timeout=30) as c, StoreClient(store_url) as client:
         for kind, blobs in kinds.items():
-            cols: dict[str, list[float]] = {"get_ms": [], "verify_ms": [], "decode_ms": [], "probe_ms": []}
+            cols: dict[str, list[float]] = {
+                "get_ms": [],
+                "verify_ms": [],
+                "decode_ms": [],
+                "probe_ms": [],
+                "pixels_ms": [],
+            }
             for data in blobs:
                 digest = compute_digest(data)
                 per: dict[str, list[float]] = {k: [] for k in cols}
@@ -261,7 +269,9 @@ def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5
                     t3 = time.perf_counter()
                     decode.probe(body)
                     t4 = time.perf_counter()
-                    for k, v in zip(cols, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    kept = client.pixels(digest)
+                    t5 = time.perf_counter() if kept is not None else math.nan
+                    for k, v in zip(cols, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                         per[k].append(v * 1e3)
                 for k in cols:
                     cols[k].append(statistics.median(per[k]))
@@ -270,10 +280,18 @@ def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5
     return out
 
 
+def service_counters(url: str) -> dict[str, float]:
+    """The inference service's counters (the names rollout reads)."""
+    from mmstore_rollout.service_metrics import INFERENCE_COUNTERS, read_counters
+
+    return read_counters(httpx.get(f"{url}/metrics", timeout=10).text, INFERENCE_COUNTERS)
+
+
 def costs_text(costs: dict[str, dict]) -> str:
     return "; ".join(
         f"{kind} ({c['kB']:,.0f} kB): GET {c['get_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms, "
         f"decode_rgb {c['decode_ms']:.2f} ms (of which its probe {c['probe_ms']:.2f} ms)"
+        + ("" if math.isnan(c["pixels_ms"]) else f", or the store's pixels {c['pixels_ms']:.2f} ms")
         for kind, c in costs.items()
     )
 
@@ -505,9 +523,12 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         "",
         "What a cold image costs outside vLLM, measured in the bench process on the same images with "
         "the service's functions (median per image; GET over loopback is the transfer): "
-        f"{costs_text(costs)}. The two new images of a cold request thus cost about "
-        f"{decode_sum:.1f} ms of decoding (run in parallel threads by the service) plus "
-        f"{get_sum:.1f} ms of GETs, against a median fetch_s of {cold.fetch_ms:.1f} ms in the service.",
+        f"{costs_text(costs)}. Fetched as bytes and decoded, the two new images of a cold request "
+        f"would cost about {decode_sum:.1f} ms of decoding (in parallel threads) plus {get_sum:.1f} ms "
+        f"of GETs; the median fetch_s in the service was {cold.fetch_ms:.1f} ms. In the cold pass the "
+        f"service took {st['cold_path']['store_pixels']:.0f} new images as the pixels the store kept "
+        f"from verifying their upload and decoded {st['cold_path']['decodes']:.0f} itself (the JPEGs, "
+        "whose pixels the store does not keep).",
         "",
         "Reading the numbers:",
         "",
@@ -522,8 +543,8 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         f"- Cold: {cold.per_new_ms:+.2f} ms per new image (all of the request's overhead charged to "
         f"its {cold.new:.0f} new images), {cold.per_image_ms:+.2f} ms per image in the request; the "
         f"target allows {COLD_TARGET_MS:g} ms + the measured GET per image. The service's fetch_s "
-        "holds GET + verify + decode of the new images; decode is the bulk, and it is pure overhead "
-        "here because (b) was handed decoded images."
+        "holds the new images' reads (the PNG's pixels from the store, the JPEG's bytes, verified) "
+        "and the JPEG's decode: pure overhead here, because (b) was handed decoded images."
         + (
             " A PNG's decode_rgb includes a second full decode inside `decode.probe` (see the Layout "
             "section)."
@@ -647,7 +668,9 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         # ---- measured passes
         samples: list[Sample] = []
         block = 0
+        counters = {}  # the service's image path over each phase: store pixels or decodes
         for phase, passes in (("cold", 1), ("warm", opts["warm_passes"])):
+            counters[phase] = service_counters(inference.url)
             for _ in range(passes):
                 t0 = time.monotonic()
                 for conv in convs:
@@ -660,6 +683,8 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
                     f"{med([x.overhead_s * 1e3 for x in s]):+.1f} ms ({time.monotonic() - t0:.1f}s)"
                 )
         await paths.client.close()
+        counters["end"] = service_counters(inference.url)
+        cold_path = {k: counters["warm"][k] - counters["cold"][k] for k in ("store_pixels", "decodes")}
 
         costs = per_image_costs(
             store.url,
@@ -691,6 +716,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         "versions": f"vLLM {vllm.__version__}, transformers {transformers.__version__}, "
         f"torch {torch.__version__}",
         "tokens": "is " + " or ".join(map(str, tokens)) + " tokens",
+        "cold_path": cold_path,
         **opts,
         "command": f"{env_prefix()}python bench/inference_bench.py "
         f"--convs {opts['convs']} --turns {opts['turns']} --cold-sets {opts['cold_sets']} "

@@ -226,11 +226,13 @@ def test_image_tokens_sampled_when_allowed(client):
 
 
 def test_corrupt_asset_when_store_serves_rotten_bytes(client, store):
+    """A JPEG: the service reads its bytes (the store keeps no pixels of JPEGs, which a PNG would
+    be read as instead, decoded at its upload from the verified bytes)."""
     from pathlib import Path
 
     from mmstore_client.digest import digest_hex
 
-    rendered = render(client, [user("x", noise_png(3000, seed=15))])
+    rendered = render(client, [user("x", image_bytes(64, 48, "JPEG", seed=15))])
     digest = rendered.descriptors[0].digest
     root = Path(store.argv[store.argv.index("--root") + 1])
     h = digest_hex(digest)

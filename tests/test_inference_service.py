@@ -30,6 +30,7 @@ COUNTS = [
     "mmstore_inference_byte_cache_misses",
     "mmstore_inference_decoded_cache_hits",
     "mmstore_inference_decodes",
+    "mmstore_inference_store_pixels",
 ]
 
 
@@ -63,7 +64,7 @@ async def test_fetch_and_cache_counts_are_counters(store):
     with StoreClient(store.url) as sync:
         digest = sync.put(data, "inference-metrics").digest
     async with AsyncStoreClient(store.url, cache=ByteCache(1 << 20)) as client:
-        fetcher = ImageFetcher(client, DecodedCache(1 << 20))
+        fetcher = ImageFetcher(client, DecodedCache(1 << 20), store_pixels=False)
         metrics = InferenceMetrics(fetcher)
         before = _samples(metrics.registry)
         for name in COUNTS:  # counters (rate() works on them), named with _total
@@ -85,6 +86,33 @@ async def test_fetch_and_cache_counts_are_counters(store):
     ours = [s.name for s in REPLICA_COUNTERS.values() if s.name.startswith("mmstore_inference_")]
     ours = [name for name in ours if "requests" not in name]
     assert ours and all(name in after for name in ours), set(ours) - after.keys()
+
+
+async def test_new_pngs_come_as_the_stores_pixels_and_jpegs_are_decoded_here(store):
+    """The store kept the PNG's pixels from verifying its upload: the fetcher reads them instead of
+    the bytes (no decode), and they are the pixels a decode of the verified bytes gives; a JPEG,
+    whose pixels the store does not keep, is fetched and decoded here without asking."""
+    png, jpeg = image_bytes(64, 40, seed=902), image_bytes(40, 64, "JPEG", seed=903)
+    with StoreClient(store.url) as sync:
+        digests = [sync.put(data, "inference-pixels").digest for data in (png, jpeg)]
+    async with AsyncStoreClient(store.url, cache=ByteCache(1 << 20)) as client:
+        fetcher = ImageFetcher(client, DecodedCache(1 << 20))
+        metrics = InferenceMetrics(fetcher)
+        descs = [
+            _descriptor(digests[0], png),
+            _descriptor(digests[1], jpeg).model_copy(update={"mime": "image/jpeg"}),
+        ]
+        images = await fetcher.images(descs)
+        after = {k: v for k, (_, v) in _samples(metrics.registry).items()}
+        assert digests[0] not in client.cache and digests[1] in client.cache  # only the JPEG's bytes came
+    for img, data, digest in zip(images, (png, jpeg), digests, strict=True):
+        rule = decode.decode_rgb(data)
+        assert img.tobytes() == rule.tobytes()
+        assert fetcher.pixel_digest(digest, img) == decode.pixel_digest(rule)
+    assert after["mmstore_inference_store_pixels_total"] == 1
+    assert after["mmstore_inference_decodes_total"] == 1
+    assert after["mmstore_inference_store_fetches_total"] == 2  # one read each, pixels or bytes
+    assert after["mmstore_inference_fetched_bytes_total"] == 64 * 40 * 3 + len(jpeg)
 
 
 def test_readyz_says_the_engine_is_loading(tiny_qwen2_vl, store, tmp_path):

@@ -13,6 +13,8 @@ methods are twins kept in step (a test checks they expose the same methods).
 * ``image_headers`` gives what the renderer needs of each image (its oriented size and type, read
   from the verified bytes' header and kept by digest), so callers fetch for the sans-I/O renderer
   with whichever client they hold.
+* ``pixels`` takes an image's decoded pixels from the store when it kept them from verifying
+  the upload (``None`` otherwise), instead of its bytes and a decode.
 * ``put`` hashes locally and first asks the store to link the digest to the run; only when the
   store lacks it are the bytes sent.
 """
@@ -25,11 +27,12 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from . import decode
 from .cache import AsyncSingleFlight, ByteCache, LRUCache, SingleFlight
 from .digest import compute_digest, validate_digest
-from .errors import IntegrityError, ServerError, TransportError, error_from_response
+from .errors import IntegrityError, NotFoundError, ServerError, TransportError, error_from_response
 from .models import (
     BlobInfo,
     GcReport,
@@ -40,6 +43,7 @@ from .models import (
     RunInfo,
     RunList,
 )
+from .pixels import PIXELS_NOT_KEPT, image_from_wire
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 HEADER_CACHE_ENTRIES = 1 << 16  # ~100 bytes each
@@ -67,7 +71,7 @@ class _StoreBase:
         self.header_cache: LRUCache[str, decode.ImageHeader] = (
             header_cache if header_cache is not None else LRUCache(HEADER_CACHE_ENTRIES)
         )
-        self.fetches = 0  # blob GETs that went to the network (after cache and single-flight)
+        self.fetches = 0  # image reads (bytes or pixels) that went to the network, after the caches
         self.fetched_bytes = 0
         self.uploads = 0  # blob bodies the store accepted from this client
 
@@ -88,6 +92,12 @@ class _StoreBase:
         self.fetched_bytes += len(data)
         self.cache.put(digest, data)
         return data
+
+    def _counted_pixels(self, digest: str, response: httpx.Response) -> Image.Image:
+        img = image_from_wire(digest, response.headers, response.content)
+        self.fetches += 1  # an image read from the store, as pixels instead of bytes
+        self.fetched_bytes += len(response.content)
+        return img
 
     def keep_hashed(self, digest: str, data: bytes, header: decode.ImageHeader) -> None:
         """Keep bytes this process hashed itself (``digest == compute_digest(data)``, e.g. an image
@@ -163,6 +173,17 @@ class StoreClient(_StoreBase):
             return self._verified(digest, r.content)
 
         return self._fetching.run(digest, fetch)
+
+    def pixels(self, digest: str) -> Image.Image | None:
+        """The decoded RGB pixels the store kept from verifying the upload (:mod:`.pixels`), or
+        ``None`` when it keeps none of it (read the bytes and decode them then)."""
+        try:
+            r = self._request("GET", f"/v1/blobs/{validate_digest(digest)}/pixels")
+        except NotFoundError as exc:
+            if exc.code == PIXELS_NOT_KEPT:
+                return None
+            raise
+        return self._counted_pixels(digest, r)
 
     def image_headers(self, digests: Iterable[str]) -> dict[str, decode.ImageHeader]:
         """Each image's header (oriented size, mime), read from its verified bytes; kept by digest."""
@@ -275,6 +296,17 @@ class AsyncStoreClient(_StoreBase):
             return self._verified(digest, r.content)
 
         return await self._fetching.run(digest, fetch)
+
+    async def pixels(self, digest: str) -> Image.Image | None:
+        """The decoded RGB pixels the store kept from verifying the upload (:mod:`.pixels`), or
+        ``None`` when it keeps none of it (read the bytes and decode them then)."""
+        try:
+            r = await self._request("GET", f"/v1/blobs/{validate_digest(digest)}/pixels")
+        except NotFoundError as exc:
+            if exc.code == PIXELS_NOT_KEPT:
+                return None
+            raise
+        return self._counted_pixels(digest, r)
 
     async def image_headers(self, digests: Iterable[str]) -> dict[str, decode.ImageHeader]:
         """Each image's header (oriented size, mime), read from its verified bytes; kept by digest."""

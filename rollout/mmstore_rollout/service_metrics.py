@@ -49,6 +49,8 @@ INFERENCE_COUNTERS = {
     "store_fetches": Series(inference_metrics.STORE_FETCHES),
     "byte_cache_hits": Series(inference_metrics.BYTE_CACHE_HITS),
     "decoded_cache_hits": Series(inference_metrics.DECODED_CACHE_HITS),
+    "decodes": Series(inference_metrics.DECODES),
+    "store_pixels": Series(inference_metrics.STORE_PIXELS),
     "prefix_cache_hit_tokens": Series(VLLM_PREFIX_CACHE_HITS),
     "mm_cache_hits": Series(VLLM_MM_CACHE_HITS),
     "placeholder_mismatch_errors": Series(inference_metrics.REQUESTS, {"code": PlaceholderMismatch.code}),

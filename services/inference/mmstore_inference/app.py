@@ -47,7 +47,9 @@ def create_app(
     store = AsyncStoreClient(
         settings.store, token=settings.store_token, cache=ByteCache(settings.byte_cache_bytes)
     )
-    fetcher = ImageFetcher(store, DecodedCache(settings.decoded_cache_bytes))
+    fetcher = ImageFetcher(
+        store, DecodedCache(settings.decoded_cache_bytes), store_pixels=settings.store_pixels
+    )
     metrics = InferenceMetrics(fetcher)
     engine = Engine(settings)
     service = GenerateService(engine, layout, tokenizer, fetcher, metrics)

@@ -1,9 +1,18 @@
 """Images by digest for one request: fetched concurrently, verified, decoded, size-checked.
 
 Bytes come through :class:`mmstore_client.AsyncStoreClient` (blake3-verified, bounded byte cache,
-one in-flight fetch per digest across requests). Decoded images are kept in a second bounded
-cache keyed by digest (content-addressed, so never stale) with one decode per digest at a time.
-Nothing is assumed from earlier requests: every request names every image it needs.
+one in-flight fetch per digest across requests). A new image that is not a JPEG is first asked
+of the store as decoded pixels (``store_pixels``): the store decoded it under the same rule to
+verify the upload and keeps recent ones (:mod:`mmstore_client.pixels`), so the request reads
+width x height x 3 bytes over the network instead of decoding (a 1280x720 PNG: 10-14 ms). Those
+pixels are the store's decode, not the service's: the bytes are not hashed here then, and the
+trainer's check of the ``pixel_digests`` this service reports against its own decode of the
+verified bytes is what catches a store that served wrong pixels. When the store keeps none
+(evicted, another worker, a JPEG), the bytes are fetched and decoded here as before.
+
+Decoded images are kept in a second bounded cache keyed by digest (content-addressed, so never
+stale) with one decode per digest at a time. Nothing is assumed from earlier requests: every
+request names every image it needs.
 
 Store errors become the service's own here and nowhere else (:func:`store_errors`), for the
 generate path's pixels and the chat path's headers alike.
@@ -48,12 +57,14 @@ def store_errors(digest: str, image: int | None = None, param: str | None = None
 
 
 class ImageFetcher:
-    def __init__(self, store: AsyncStoreClient, decoded: DecodedCache) -> None:
+    def __init__(self, store: AsyncStoreClient, decoded: DecodedCache, *, store_pixels: bool = True) -> None:
         self.store = store
         self.decoded = decoded
+        self.store_pixels = store_pixels
         self._decoding: AsyncSingleFlight[str, Image.Image] = AsyncSingleFlight()
         self._pixel_digests: LRUCache[str, str] = LRUCache(PIXEL_DIGESTS_KEPT)
         self.decodes = 0
+        self.pixels_from_store = 0  # new images whose decoded pixels the store served
 
     @property
     def decoded_hits(self) -> int:
@@ -100,7 +111,7 @@ class ImageFetcher:
     async def _image(self, index: int, desc: Descriptor) -> Image.Image:
         img = self.decoded.get(desc.digest)
         if img is None:
-            img = await self._decoding.run(desc.digest, lambda: self._fetch_decode(index, desc.digest))
+            img = await self._decoding.run(desc.digest, lambda: self._fetch_decode(index, desc))
         return img
 
     @staticmethod
@@ -116,15 +127,26 @@ class ImageFetcher:
             )
         return img
 
-    async def _fetch_decode(self, index: int, digest: str) -> Image.Image:
+    async def _fetch_decode(self, index: int, desc: Descriptor) -> Image.Image:
         def decode_and_digest() -> tuple[Image.Image, str]:
             img = decode.decode_rgb(data)
             return img, decode.pixel_digest(img)
 
+        digest = desc.digest
         with store_errors(digest, image=index):
-            data = await self.store.get(digest)
-            img, pixels = await asyncio.to_thread(decode_and_digest)
-        self.decodes += 1
+            img = await self.store.pixels(digest) if self._ask_pixels(desc) else None
+            if img is not None:
+                pixels = await asyncio.to_thread(decode.pixel_digest, img)
+                self.pixels_from_store += 1
+            else:
+                data = await self.store.get(digest)
+                img, pixels = await asyncio.to_thread(decode_and_digest)
+                self.decodes += 1
         self.decoded.put(digest, img)
         self._pixel_digests.put(digest, pixels)
         return img
+
+    def _ask_pixels(self, desc: Descriptor) -> bool:
+        """Whether to ask the store for the image's pixels: it keeps none of JPEGs (their upload
+        check is not a full decode); bytes already here (verified) are decoded here."""
+        return self.store_pixels and desc.mime != "image/jpeg" and desc.digest not in self.store.cache

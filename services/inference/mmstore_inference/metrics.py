@@ -23,6 +23,7 @@ BYTE_CACHE_HITS = "mmstore_inference_byte_cache_hits_total"
 BYTE_CACHE_MISSES = "mmstore_inference_byte_cache_misses_total"
 DECODED_CACHE_HITS = "mmstore_inference_decoded_cache_hits_total"
 DECODES = "mmstore_inference_decodes_total"
+STORE_PIXELS = "mmstore_inference_store_pixels_total"
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -48,12 +49,19 @@ class InferenceMetrics:
         r.register(
             Counts(
                 {
-                    FETCHED_BYTES: ("image bytes fetched from the store", lambda: store.fetched_bytes),
-                    STORE_FETCHES: ("blob GETs sent to the store", lambda: store.fetches),
+                    FETCHED_BYTES: (
+                        "bytes read from the store (images or their pixels)",
+                        lambda: store.fetched_bytes,
+                    ),
+                    STORE_FETCHES: ("image reads sent to the store (bytes or pixels)", lambda: store.fetches),
                     BYTE_CACHE_HITS: ("byte cache hits", lambda: store.cache.hits),
                     BYTE_CACHE_MISSES: ("byte cache misses", lambda: store.cache.misses),
                     DECODED_CACHE_HITS: ("decoded-image cache hits", lambda: fetcher.decoded_hits),
                     DECODES: ("images decoded", lambda: fetcher.decodes),
+                    STORE_PIXELS: (
+                        "new images whose decoded pixels the store served (not decoded here)",
+                        lambda: fetcher.pixels_from_store,
+                    ),
                 }
             )
         )

@@ -37,6 +37,11 @@ class InferenceSettings(BaseSettings):
     # caches (content-addressed: never stale)
     byte_cache_bytes: int = Field(512 << 20, ge=0, description="fetched image bytes kept by digest")
     decoded_cache_bytes: int = Field(512 << 20, ge=0, description="decoded RGB images kept by digest")
+    store_pixels: bool = Field(
+        True,
+        description="take a new image's decoded pixels from the store when it kept them from verifying "
+        "the upload (not JPEGs), instead of fetching its bytes and decoding them here",
+    )
     # policy
     forbid_image_tokens: bool = Field(True, description="default for sampling.allow_image_tokens=False")
     # the OpenAI-compatible endpoint (/v1/chat/completions, /v1/models)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 
 from mmstore_client import decode
+from mmstore_client.cache import DecodedCache
 from mmstore_client.models import BlobInfo
+from PIL import Image
 
 from .decoding import Decoder
 from .errors import DigestMismatchError, from_image_error
 from .metrics import StoreMetrics
+from .pixels import decode_to_keep, kept_format
 from .settings import Settings
 from .storage.base import PutResult, Storage
 
@@ -24,6 +27,7 @@ def ingest(
     digest: str,
     expected: str | None,
     absent: bool = False,
+    pixels: DecodedCache | None = None,
 ) -> PutResult:
     """Verify and store ``data`` (whose digest is ``digest``) for ``run``, in a worker thread.
 
@@ -38,6 +42,9 @@ def ingest(
     a remote backend (a bucket) it runs in another thread while the backend's requests are in
     flight, upload of the bytes included, and answers before the blob is linked; re-uploads are
     checked too (see ``S3Storage._checked`` for what is withdrawn when).
+
+    ``pixels``: where the decoded pixels of a stored upload are kept (:mod:`.pixels`), when its
+    check decoded it in full under the decoding rule.
     """
     if expected is not None and digest != expected:
         raise DigestMismatchError(
@@ -46,15 +53,26 @@ def ingest(
     metrics.bytes_in.inc(len(data))
     try:
         header = decode.probe(data, max_pixels=settings.max_image_pixels)
-        pixels = header.raw_width * header.raw_height
-        full_decode = functools.partial(decode.check_pixels, data, max_jpeg_scans=settings.max_jpeg_scans)
+        area = header.raw_width * header.raw_height
+        decoded: list[Image.Image] = []
+        if pixels is not None and kept_format(header.format):
+
+            def full_decode() -> None:
+                img = decode_to_keep(
+                    data, max_pixels=settings.max_image_pixels, max_jpeg_scans=settings.max_jpeg_scans
+                )
+                if img is not None:
+                    decoded.append(img)
+
+        else:
+            full_decode = functools.partial(decode.check_pixels, data, max_jpeg_scans=settings.max_jpeg_scans)
         recheck = None  # a re-upload's: only a bucket can hold bytes that never passed a check
         if storage.remote:  # started now: it runs while the bucket's requests are in flight
-            check = recheck = decoder.submit(full_decode, pixels).result
+            check = recheck = decoder.submit(full_decode, area).result
         else:  # started when the storage asks: a re-upload is not decoded again
 
             def check() -> None:
-                decoder.submit(full_decode, pixels).result()
+                decoder.submit(full_decode, area).result()
 
         existing = None if absent else storage.link_existing(run, digest, check=recheck)
         if existing is not None:
@@ -64,4 +82,7 @@ def ingest(
     except decode.ImageError as exc:
         raise from_image_error(exc) from exc
     (metrics.blobs_created if result.created else metrics.blobs_deduplicated).inc()
+    if decoded and pixels is not None:  # decoded for this upload: its check passed, it is stored
+        pixels.put(digest, decoded[0])
+        metrics.pixels_kept.inc()
     return result

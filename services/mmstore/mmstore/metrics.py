@@ -38,6 +38,12 @@ class StoreMetrics:
             BLOBS_DEDUPLICATED, "uploads of bytes already stored", registry=self.registry
         )
         self.errors = Counter("mmstore_errors", "error responses by code", ["code"], registry=self.registry)
+        self.pixels_kept = Counter(
+            "mmstore_pixels_kept", "uploads whose decoded pixels were kept to serve", registry=self.registry
+        )
+        self.pixels_served = Counter(
+            "mmstore_pixels_served", "decoded pixels served instead of a decode", registry=self.registry
+        )
 
     def observe(self, route: str, method: str, status: int, started: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

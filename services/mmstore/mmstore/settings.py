@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         ge=1,
         description="422 image_too_complex for a JPEG of more scans (each is a pass over the image)",
     )
+    pixel_cache_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="bytes of decoded RGB pixels kept from verifying recent uploads (all formats but "
+        "JPEG, whose check decodes at 1/8 scale), served by GET /v1/blobs/{digest}/pixels so that "
+        "a reader need not decode them again; 0: none kept",
+    )
     decode_threads: int | None = Field(
         None, ge=1, description="threads that decode uploads and thumbnails (default: the cores)"
     )

@@ -12,10 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from mmstore_client.digest import DigestHasher
 from mmstore_client.models import BlobInfo, LinkResponse, MissingRequest, MissingResponse
+from mmstore_client.pixels import PIXEL_HEIGHT, PIXEL_WIDTH
 
 from ..bodies import json_body, read_body, read_json
 from ..deps import READ, WRITE, DigestDep, RunDep, StorageDep, checked_digest
-from ..errors import NotFoundError, UnsupportedMediaError
+from ..errors import NotFoundError, PixelsNotKeptError, UnsupportedMediaError
 from ..ingest import ingest
 
 router = APIRouter(prefix="/v1", tags=["blobs"])
@@ -56,6 +57,7 @@ async def _upload(request: Request, run: str, expected: str | None, response: Re
             hasher.digest(),
             expected,
             absent,
+            state.pixels,
         )
     )
     response.status_code = 201 if result.created else 200
@@ -116,6 +118,40 @@ async def get_blob(
         return StreamingResponse(counted(), status_code=reply.status, headers=reply.headers)
     metrics.bytes_out.inc(len(reply.body))
     return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+@router.get(
+    "/blobs/{digest}/pixels",
+    dependencies=[READ],
+    summary="The decoded pixels the store kept from verifying the upload (8-bit RGB, row-major)",
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "headers": {
+                PIXEL_WIDTH: {"description": "width in pixels", "schema": {"type": "integer"}},
+                PIXEL_HEIGHT: {"description": "height in pixels", "schema": {"type": "integer"}},
+            },
+            "description": "width x height x 3 bytes: the decoding rule's RGB pixels, rows top to bottom",
+        },
+        404: {"description": "`not_found`: no such blob; `pixels_not_kept`: read the bytes and decode them"},
+    },
+)
+async def blob_pixels(request: Request, storage: StorageDep, digest: DigestDep) -> Response:
+    state = request.app.state
+    img = state.pixels.get(digest) if state.pixels is not None else None
+    if img is None:
+        raise PixelsNotKeptError(
+            f"this store process keeps no decoded pixels of {digest} (evicted, a JPEG, an upload "
+            "it did not verify itself, or none kept): GET /v1/blobs/{digest} and decode the bytes",
+            digest=digest,
+        )
+    if await run_in_threadpool(storage.info, digest) is None:  # removed since (GC): not served
+        raise NotFoundError(f"blob {digest} not found", digest=digest)
+    data = img.tobytes()
+    state.metrics.pixels_served.inc()
+    state.metrics.bytes_out.inc(len(data))
+    headers = {PIXEL_WIDTH: str(img.width), PIXEL_HEIGHT: str(img.height)}
+    return Response(data, media_type="application/octet-stream", headers=headers)
 
 
 @router.post(
