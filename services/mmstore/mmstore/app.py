@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 
 from fastapi import FastAPI
-from mmstore_client.cache import DecodedCache
 
 from . import __version__
 from .auth import Authorizer
@@ -14,6 +13,7 @@ from .decoding import Decoder
 from .errors import install_handlers
 from .fastpath import BlobFastPath
 from .metrics import MetricsMiddleware, StoreMetrics
+from .pixels import pixel_cache
 from .routes import admin, blobs, health, rollouts, runs, ui
 from .settings import Settings
 from .storage import open_storage
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authorizer = authorizer
     app.state.blob_reader = reader
     app.state.decoder = decoder
-    app.state.pixels = DecodedCache(settings.pixel_cache_bytes) if settings.pixel_cache_bytes else None
+    app.state.pixels = pixel_cache(settings.pixel_cache_bytes)
     app.state.rollout_docs = rollouts.RolloutDocs(storage)
     app.state.viewer = ui.Viewer.create(settings, storage, decoder, metrics)
     install_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())

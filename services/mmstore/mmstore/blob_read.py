@@ -164,6 +164,14 @@ class BlobReader:
             raise self._gone(digest)
         return cached
 
+    async def stored(self, digest: str) -> bool:
+        """Whether the blob is stored now (confirmed against the storage: GC may have removed it)."""
+        try:
+            await self._lookup(digest, fresh=True)
+        except NotFoundError:
+            return False
+        return True
+
     async def read(
         self,
         digest: str,

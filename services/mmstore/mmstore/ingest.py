@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 
 from mmstore_client import decode
-from mmstore_client.cache import DecodedCache
+from mmstore_client.cache import LRUCache
 from mmstore_client.models import BlobInfo
-from PIL import Image
 
 from .decoding import Decoder
 from .errors import DigestMismatchError, from_image_error
 from .metrics import StoreMetrics
-from .pixels import decode_to_keep, kept_format
+from .pixels import KeptPixels, decode_to_keep, kept_format
 from .settings import Settings
 from .storage.base import PutResult, Storage
 
@@ -27,7 +26,7 @@ def ingest(
     digest: str,
     expected: str | None,
     absent: bool = False,
-    pixels: DecodedCache | None = None,
+    pixels: LRUCache[str, KeptPixels] | None = None,
 ) -> PutResult:
     """Verify and store ``data`` (whose digest is ``digest``) for ``run``, in a worker thread.
 
@@ -54,15 +53,15 @@ def ingest(
     try:
         header = decode.probe(data, max_pixels=settings.max_image_pixels)
         area = header.raw_width * header.raw_height
-        decoded: list[Image.Image] = []
+        decoded: list[KeptPixels] = []
         if pixels is not None and kept_format(header.format):
 
             def full_decode() -> None:
-                img = decode_to_keep(
+                kept = decode_to_keep(
                     data, max_pixels=settings.max_image_pixels, max_jpeg_scans=settings.max_jpeg_scans
                 )
-                if img is not None:
-                    decoded.append(img)
+                if kept is not None:
+                    decoded.append(kept)
 
         else:
             full_decode = functools.partial(decode.check_pixels, data, max_jpeg_scans=settings.max_jpeg_scans)

@@ -18,8 +18,10 @@ They are served only while the blob is stored (the read checks it, so a blob tha
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from mmstore_client import decode
-from PIL import Image
+from mmstore_client.cache import LRUCache
 
 # Formats whose upload check is a full decode (all but JPEG's; see decode.check_pixels).
 _FAST_CHECK_FORMATS = frozenset({"JPEG"})
@@ -30,12 +32,26 @@ def kept_format(fmt: str) -> bool:
     return fmt not in _FAST_CHECK_FORMATS
 
 
-def decode_to_keep(data: bytes, *, max_pixels: int, max_jpeg_scans: int) -> Image.Image | None:
-    """Verify ``data`` by decoding it under the decoding rule; the RGB image, or ``None`` when the
+class KeptPixels(NamedTuple):
+    """An upload's decoded pixels as served: 8-bit RGB, rows top to bottom."""
+
+    width: int
+    height: int
+    data: bytes
+
+
+def pixel_cache(max_bytes: int) -> LRUCache[str, KeptPixels] | None:
+    """The cache of kept pixels, bounded by their bytes; ``None`` when none are kept."""
+    return LRUCache(max_bytes, cost=lambda kept: len(kept.data)) if max_bytes else None
+
+
+def decode_to_keep(data: bytes, *, max_pixels: int, max_jpeg_scans: int) -> KeptPixels | None:
+    """Verify ``data`` by decoding it under the decoding rule; its pixels, or ``None`` when the
     rule's conversion fails on an image the plain check accepts (the check's verdict stands: it
     runs then, and raises what it raises)."""
     try:
-        return decode.decode_rgb(data, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans)
+        img = decode.decode_rgb(data, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans)
     except decode.ImageError:
         decode.check_pixels(data, max_jpeg_scans=max_jpeg_scans)
         return None
+    return KeptPixels(img.width, img.height, img.tobytes())

@@ -136,22 +136,21 @@ async def get_blob(
         404: {"description": "`not_found`: no such blob; `pixels_not_kept`: read the bytes and decode them"},
     },
 )
-async def blob_pixels(request: Request, storage: StorageDep, digest: DigestDep) -> Response:
+async def blob_pixels(request: Request, digest: DigestDep) -> Response:
     state = request.app.state
-    img = state.pixels.get(digest) if state.pixels is not None else None
-    if img is None:
+    kept = state.pixels.get(digest) if state.pixels is not None else None
+    if kept is None:
         raise PixelsNotKeptError(
             f"this store process keeps no decoded pixels of {digest} (evicted, a JPEG, an upload "
             "it did not verify itself, or none kept): GET /v1/blobs/{digest} and decode the bytes",
             digest=digest,
         )
-    if await run_in_threadpool(storage.info, digest) is None:  # removed since (GC): not served
+    if not await state.blob_reader.stored(digest):  # removed since (GC): not served
         raise NotFoundError(f"blob {digest} not found", digest=digest)
-    data = img.tobytes()
     state.metrics.pixels_served.inc()
-    state.metrics.bytes_out.inc(len(data))
-    headers = {PIXEL_WIDTH: str(img.width), PIXEL_HEIGHT: str(img.height)}
-    return Response(data, media_type="application/octet-stream", headers=headers)
+    state.metrics.bytes_out.inc(len(kept.data))
+    headers = {PIXEL_WIDTH: str(kept.width), PIXEL_HEIGHT: str(kept.height)}
+    return Response(kept.data, media_type="application/octet-stream", headers=headers)
 
 
 @router.post(
