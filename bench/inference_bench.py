@@ -683,7 +683,6 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
                     f"{med([x.overhead_s * 1e3 for x in s]):+.1f} ms ({time.monotonic() - t0:.1f}s)"
                 )
         await paths.client.close()
-        counters["end"] = service_counters(inference.url)
         cold_path = {k: counters["warm"][k] - counters["cold"][k] for k in ("store_pixels", "decodes")}
 
         costs = per_image_costs(

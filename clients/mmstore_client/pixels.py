@@ -2,6 +2,7 @@
 :mod:`mmstore.pixels` keeps them from verifying uploads): the decoding rule's 8-bit RGB pixels,
 rows top to bottom, width x height x 3 bytes, the size in two headers. A store that keeps no
 pixels of the digest answers 404 with the code :data:`PIXELS_NOT_KEPT`: read the bytes instead.
+It never keeps those of a format whose upload check is not a full decode (:func:`kept_format`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from .errors import ServerError
 PIXEL_WIDTH = "mmstore-width"
 PIXEL_HEIGHT = "mmstore-height"
 PIXELS_NOT_KEPT = "pixels_not_kept"
+# Formats whose upload check is not a full decode (JPEG: decode.check_pixels decodes it at 1/8
+# scale in the DCT domain), so the store has no pixels of them to keep.
+_FAST_CHECK_FORMATS = frozenset({"JPEG"})
+
+
+def kept_format(fmt: str) -> bool:
+    """Whether the store keeps the pixels of an upload of PIL format ``fmt`` (see
+    :data:`mmstore_client.decode.FORMAT_MIME`)."""
+    return fmt not in _FAST_CHECK_FORMATS
 
 
 def image_from_wire(digest: str, headers: Mapping[str, str], content: bytes) -> Image.Image:

@@ -28,6 +28,7 @@ from mmstore_client import AsyncStoreClient, IntegrityError, NotFoundError, deco
 from mmstore_client.cache import AsyncSingleFlight, DecodedCache, LRUCache
 from mmstore_client.descriptor import Descriptor
 from mmstore_client.errors import ApiError, TransportError
+from mmstore_client.pixels import kept_format
 from PIL import Image
 
 from .errors import CorruptAsset, DescriptorMismatch, MissingAsset, StoreUnavailable
@@ -147,6 +148,7 @@ class ImageFetcher:
         return img
 
     def _ask_pixels(self, desc: Descriptor) -> bool:
-        """Whether to ask the store for the image's pixels: it keeps none of JPEGs (their upload
-        check is not a full decode); bytes already here (verified) are decoded here."""
-        return self.store_pixels and desc.mime != "image/jpeg" and desc.digest not in self.store.cache
+        """Whether to ask the store for the image's pixels: not for a format it keeps none of, and
+        bytes already here (verified) are decoded here."""
+        fmt = decode.MIME_FORMAT.get(desc.mime, "")
+        return self.store_pixels and kept_format(fmt) and desc.digest not in self.store.cache

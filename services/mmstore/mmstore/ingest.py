@@ -7,11 +7,12 @@ import functools
 from mmstore_client import decode
 from mmstore_client.cache import LRUCache
 from mmstore_client.models import BlobInfo
+from mmstore_client.pixels import kept_format
 
 from .decoding import Decoder
 from .errors import DigestMismatchError, from_image_error
 from .metrics import StoreMetrics
-from .pixels import KeptPixels, decode_to_keep, kept_format
+from .pixels import KeptPixels, decode_to_keep
 from .settings import Settings
 from .storage.base import PutResult, Storage
 

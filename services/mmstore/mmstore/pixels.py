@@ -1,8 +1,9 @@
 """Decoded pixels of recent uploads, kept so that a reader need not decode them again.
 
 Every upload is decoded in full to verify it (:mod:`.ingest`). For every format but JPEG (whose
-check decodes at 1/8 scale in the DCT domain, several times faster than a full decode) that
-decode is the decoding rule itself (:func:`mmstore_client.decode.decode_rgb`), and its 8-bit
+check decodes at 1/8 scale in the DCT domain, several times faster than a full decode; the
+contract's :func:`mmstore_client.pixels.kept_format` says which) that decode is the decoding
+rule itself (:func:`mmstore_client.decode.decode_rgb`), and its 8-bit
 RGB pixels are kept here, by digest, in a bounded cache (``MMSTORE_PIXEL_CACHE_BYTES``, least
 recently used first out). ``GET /v1/blobs/{digest}/pixels`` serves them: width x height x 3 bytes,
 rows top to bottom, with the size in the ``mmstore-width`` and ``mmstore-height`` headers. The
@@ -22,14 +23,6 @@ from typing import NamedTuple
 
 from mmstore_client import decode
 from mmstore_client.cache import LRUCache
-
-# Formats whose upload check is a full decode (all but JPEG's; see decode.check_pixels).
-_FAST_CHECK_FORMATS = frozenset({"JPEG"})
-
-
-def kept_format(fmt: str) -> bool:
-    """Whether an upload of format ``fmt`` (a probe's ``format``) is decoded in full to verify it."""
-    return fmt not in _FAST_CHECK_FORMATS
 
 
 class KeptPixels(NamedTuple):
