@@ -29,7 +29,7 @@ def is_loopback(host: str) -> bool:
 
 
 _STORAGE_HELP = (
-    "s3://bucket[/prefix]: an S3-compatible bucket instead of --root (AWS_* env vars, "
+    "s3://BUCKET or s3://BUCKET/PREFIX: an S3-compatible bucket instead of --root (AWS_* env vars, "
     "AWS_ENDPOINT_URL included) [env MMSTORE_STORAGE]"
 )
 
