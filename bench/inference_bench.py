@@ -238,24 +238,30 @@ async def run_block(paths: Paths, phase: str, conv: list[Turn], b_first: bool, g
 # --------------------------------------------------------------------------- cost model
 
 
-def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5) -> dict[str, dict]:
+async def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5) -> dict[str, dict]:
     """Per kind of image, medians per image (ms) of what a cold image costs the service outside
     vLLM, measured here with the service's own functions: GET from the store, blake3 verify,
     ``decode.decode_rgb`` (and, inside it, ``decode.probe``); and the read of the pixels the store
-    kept instead (``StoreClient.pixels``; NaN where it keeps none, as for JPEGs)."""
-    from mmstore_client import StoreClient, decode
+    kept instead, as the service reads them (``AsyncStoreClient.pixels`` over
+    :class:`~mmstore_client.transport.AiohttpTransport`; NaN where the store keeps none, as for JPEGs)."""
+    from mmstore_client import AsyncStoreClient, decode
     from mmstore_client.digest import compute_digest
+    from mmstore_client.transport import AiohttpTransport
+
+    async def pixel_reads(digest: str) -> list[float]:
+        times = []
+        async with AsyncStoreClient(store_url, transport=AiohttpTransport()) as client:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                kept = await client.pixels(digest)
+                times.append((time.perf_counter() - t0) * 1e3 if kept is not None else math.nan)
+        return times
 
     out = {}
-    with httpx.Client(base_url=store_url, timeout=30) as c, StoreClient(store_url) as client:
+    with httpx.Client(base_url=store_url, timeout=30) as c:
         for kind, blobs in kinds.items():
-            cols: dict[str, list[float]] = {
-                "get_ms": [],
-                "verify_ms": [],
-                "decode_ms": [],
-                "probe_ms": [],
-                "pixels_ms": [],
-            }
+            cols: dict[str, list[float]] = {"get_ms": [], "verify_ms": [], "decode_ms": [], "probe_ms": []}
+            pixels_ms = []
             for data in blobs:
                 digest = compute_digest(data)
                 per: dict[str, list[float]] = {k: [] for k in cols}
@@ -269,13 +275,13 @@ def per_image_costs(store_url: str, kinds: dict[str, list[bytes]], reps: int = 5
                     t3 = time.perf_counter()
                     decode.probe(body)
                     t4 = time.perf_counter()
-                    kept = client.pixels(digest)
-                    t5 = time.perf_counter() if kept is not None else math.nan
-                    for k, v in zip(cols, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                    for k, v in zip(cols, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                         per[k].append(v * 1e3)
                 for k in cols:
                     cols[k].append(statistics.median(per[k]))
+                pixels_ms.append(statistics.median(await pixel_reads(digest)))
             out[kind] = {k: statistics.median(v) for k, v in cols.items()}
+            out[kind]["pixels_ms"] = statistics.median(pixels_ms)
             out[kind]["kB"] = sum(map(len, blobs)) / len(blobs) / 1e3
     return out
 
@@ -685,7 +691,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         await paths.client.close()
         cold_path = {k: counters["warm"][k] - counters["cold"][k] for k in ("store_pixels", "decodes")}
 
-        costs = per_image_costs(
+        costs = await per_image_costs(
             store.url,
             {
                 "1280x720 screenshot PNG": [turn[0] for s in sets for conv in s for turn in conv],

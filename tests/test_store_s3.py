@@ -219,6 +219,7 @@ def test_large_gets_redirect_to_the_bucket_by_default(s3_server, tmp_path):
 
     from mmstore_client import AsyncStoreClient
     from mmstore_client.errors import ApiError
+    from mmstore_client.transport import AiohttpTransport
 
     url = s3_server.bucket()
     tokens = json.dumps({"reader": ["read"], "writer": ["write"]})
@@ -246,11 +247,12 @@ def test_large_gets_redirect_to_the_bucket_by_default(s3_server, tmp_path):
         with StoreClient(server.url, token="reader") as reader:
             assert reader.get(big_d) == big and reader.get(small_d) == small
 
-        async def read_async() -> bytes:
-            async with AsyncStoreClient(server.url, token="reader") as client:
+        async def read_async(transport) -> bytes:
+            async with AsyncStoreClient(server.url, token="reader", transport=transport) as client:
                 return await client.get(big_d)
 
-        assert asyncio.run(read_async()) == big
+        assert asyncio.run(read_async(None)) == big
+        assert asyncio.run(read_async(AiohttpTransport())) == big  # the signed URL sent as signed
         # a blob GC'd after the replica cached its info: the bucket's 404 reaches the client as such
         import obstore
         from mmstore.storage.s3 import S3Storage

@@ -16,6 +16,7 @@ from mmstore_client import AsyncStoreClient, ByteCache
 from mmstore_client.cache import DecodedCache
 from mmstore_client.inference import GenerateRequest, GenerateResponse
 from mmstore_client.layouts import Layout
+from mmstore_client.transport import AiohttpTransport
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
 
@@ -45,7 +46,10 @@ def create_app(
     layout = Layout.from_pretrained(settings.model)
     tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
     store = AsyncStoreClient(
-        settings.store, token=settings.store_token, cache=ByteCache(settings.byte_cache_bytes)
+        settings.store,
+        token=settings.store_token,
+        cache=ByteCache(settings.byte_cache_bytes),
+        transport=AiohttpTransport(),  # new images' pixels: 2.8 MB a screenshot
     )
     fetcher = ImageFetcher(
         store, DecodedCache(settings.decoded_cache_bytes), store_pixels=settings.store_pixels
