@@ -192,7 +192,11 @@ def test_five_turn_chat_matches_the_renderer_every_turn_fetching_each_image_once
 ):
     """Turn k carries 2k images (refs); every earlier image is resent as its ref each turn."""
     messages: list[dict] = []
-    fetched = mmstore_counters(vllm_server).get('mmstore_vllm_refs_total{source="store"}', 0.0)
+
+    def from_store(counters: dict[str, float]) -> float:  # as bytes, or as the pixels it kept
+        return sum(counters.get(f'mmstore_vllm_refs_total{{source="{s}"}}', 0.0) for s in ("store", "pixels"))
+
+    fetched = from_store(mmstore_counters(vllm_server))
     for turn in range(1, 6):
         new = [
             ref(store_client, image_bytes(30 + 7 * i, 40 + 3 * turn, seed=100 * turn + i))
@@ -202,9 +206,8 @@ def test_five_turn_chat_matches_the_renderer_every_turn_fetching_each_image_once
         resp = chat(client, model, messages)
         assert resp.prompt_token_ids == renderer.render(messages).token_ids, f"turn {turn}"
         messages.append({"role": "assistant", "content": resp.choices[0].message.content or ""})
-        counters = mmstore_counters(vllm_server)
-        assert counters['mmstore_vllm_refs_total{source="store"}'] - fetched == len(new), f"turn {turn}"
-        fetched = counters['mmstore_vllm_refs_total{source="store"}']
+        assert from_store(mmstore_counters(vllm_server)) - fetched == len(new), f"turn {turn}"
+        fetched = from_store(mmstore_counters(vllm_server))
 
 
 @slow
@@ -286,12 +289,16 @@ def test_malformed_ref_is_422(client, model, store_client):
 
 @slow
 def test_bytes_failing_verification_are_422_never_decoded(client, model, store_client, plugin_store):
-    data = image_bytes(60, 60, seed=31)
+    # a JPEG: the store keeps no pixels of it, so the plugin reads (and verifies) the bytes; a
+    # PNG's pixels kept from its upload would be served, and they are the verified file's
+    data = image_bytes(60, 60, "JPEG", seed=31)
     digest = store_client.put(data, RUN).digest
     hexd = digest.split(":", 1)[1]
     path = plugin_store.root / "blobs" / hexd[:2] / hexd[2:4] / hexd
     path.chmod(0o644)
-    path.write_bytes(image_bytes(60, 60, seed=32))  # the disk rots under the store
+    rotten = bytearray(data)
+    rotten[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(rotten))  # the disk rots under the store (one byte, the length holds)
     with pytest.raises(openai.UnprocessableEntityError) as err:
         chat(client, model, [user("rotten", make_ref(digest))])
     assert digest in err.value.message and "digest_mismatch" in err.value.message
@@ -349,13 +356,17 @@ def test_store_unreachable_is_5xx_and_recovers(client, model, store_client, plug
 
 @slow
 def test_counters_show_on_vllms_metrics(client, model, store_client, vllm_server):
-    r = ref(store_client, image_bytes(44, 44, seed=71))
-    chat(client, model, [user("once", r)])
-    chat(client, model, [user("twice", r)])
+    png, jpeg = (
+        ref(store_client, image_bytes(44, 44, seed=71)),
+        ref(store_client, image_bytes(44, 44, "JPEG", seed=72)),
+    )
+    chat(client, model, [user("once", png, jpeg)])
+    chat(client, model, [user("twice", png)])
     with pytest.raises(openai.UnprocessableEntityError):
         chat(client, model, [user("missing", make_ref(compute_digest(b"not there either")))])
     samples = mmstore_counters(vllm_server)
-    assert samples['mmstore_vllm_refs_total{source="store"}'] >= 1
+    assert samples['mmstore_vllm_refs_total{source="store"}'] >= 1  # the JPEG's bytes, decoded
+    assert samples['mmstore_vllm_refs_total{source="pixels"}'] >= 1  # the PNG's pixels the store kept
     assert samples['mmstore_vllm_refs_total{source="decoded"}'] >= 1
     assert samples["mmstore_vllm_store_bytes_total"] > 0
     assert samples['mmstore_vllm_ref_errors_total{code="missing_blob"}'] >= 1
@@ -414,6 +425,39 @@ async def test_ref_pixels_are_the_decoding_rules_pixels(in_process, store_client
         for got in (conn.fetch_image(url), await conn.fetch_image_async(url)):
             assert (got.mode, got.size) == (expected.mode, expected.size), name
             assert got.media.tobytes() == expected.tobytes(), name
+
+
+def refs_by_source() -> dict[str, float]:
+    from mmstore_vllm.resolve import REFS
+
+    return {
+        s.labels["source"]: s.value for m in REFS.collect() for s in m.samples if s.name.endswith("_total")
+    }
+
+
+async def test_new_pngs_come_as_the_stores_kept_pixels_jpegs_as_bytes(
+    plugin_store, store_client, monkeypatch
+):
+    from mmstore_vllm import resolve
+    from mmstore_vllm.settings import PluginSettings
+    from vllm.exceptions import VLLMUnprocessableEntityError
+
+    png, jpeg = noise_png(20_000, seed=82), image_bytes(50, 40, "JPEG", seed=83)
+    refs = {name: ref(store_client, data) for name, data in (("png", png), ("jpeg", jpeg))}
+    for store_pixels, want in ((True, {"pixels": 1, "store": 1}), (False, {"pixels": 0, "store": 2})):
+        settings = PluginSettings(url=plugin_store.url, store_pixels=store_pixels)
+        monkeypatch.setattr(resolve, "_resolver", resolve.RefResolver(settings))
+        before, conn = refs_by_source(), connector()
+        got = {name: (await conn.fetch_image_async(url)).media for name, url in refs.items()}
+        after = refs_by_source()
+        assert {s: after.get(s, 0) - before.get(s, 0) for s in want} == want, store_pixels
+        assert got["png"].tobytes() == decode.decode_rgb(png).tobytes()
+        assert got["jpeg"].tobytes() == decode.decode_rgb(jpeg).tobytes()
+    # the store's pixels are held to the plugin's own limit, as a decode would be
+    small = PluginSettings(url=plugin_store.url, max_image_pixels=100)
+    monkeypatch.setattr(resolve, "_resolver", resolve.RefResolver(small))
+    with pytest.raises(VLLMUnprocessableEntityError, match=r"image_too_large"):
+        await connector().fetch_image_async(refs["png"])
 
 
 async def test_refs_and_data_uris_never_share_vllms_cache_key(in_process, store_client):

@@ -1,5 +1,9 @@
 """Refs to pixels, once per process: fetch (verified), decode with mmstore's rule, cache.
 
+A new ref is first asked of the store as the pixels it kept from verifying the upload (the same
+rule's decode; ``MMSTORE_STORE_PIXELS``), held to the plugin's pixel limit and layout like a
+decode; when the store keeps none (JPEGs, evicted), the bytes are fetched and decoded here.
+
 vLLM builds a media connector per request, so everything that must outlive a request lives
 here, at module level, one :class:`RefResolver` per process: the store clients (one sync, one per
 event loop for async), the bounded byte cache they share (:class:`mmstore_client.ByteCache`,
@@ -51,7 +55,8 @@ from .settings import PluginSettings
 REFS = Counter(
     "mmstore_vllm_refs",
     "mmstore refs resolved to an image, by where the image came from (decoded: the decoded-image "
-    "cache; bytes: the byte cache, then decoded; store: fetched from the store or joined a fetch)",
+    "cache; bytes: the byte cache, then decoded; store: fetched from the store and decoded, or "
+    "joined such a fetch; pixels: the pixels the store kept from verifying the upload)",
     ["source"],
 )
 REF_ERRORS = Counter("mmstore_vllm_ref_errors", "mmstore refs refused or not resolved, by code", ["code"])
@@ -113,8 +118,9 @@ class RefResolver:
             return digest, img
         cached = digest in self.byte_cache
         with self._store_errors(digest):
-            data = self.store.get(digest)
-        return digest, self._decode(digest, data, cached)
+            kept = self.store.pixels(digest) if self._ask_pixels(cached) else None
+            data = self.store.get(digest) if kept is None else b""
+        return digest, self._checked(digest, kept) if kept is not None else self._decode(digest, data, cached)
 
     async def image_async(self, url: str) -> tuple[str, Image.Image]:
         """The digest and RGB image of ref ``url``; one fetch and decode per digest at a time,
@@ -129,7 +135,10 @@ class RefResolver:
         async def fetch_decode() -> Image.Image:
             cached = digest in self.byte_cache
             with self._store_errors(digest):
-                data = await store.get(digest)
+                kept = await store.pixels(digest) if self._ask_pixels(cached) else None
+                data = await store.get(digest) if kept is None else b""
+            if kept is not None:
+                return self._checked(digest, kept)
             return await asyncio.to_thread(self._decode, digest, data, cached)
 
         return digest, await decoding.run(digest, fetch_decode)
@@ -142,6 +151,34 @@ class RefResolver:
             REF_ERRORS.labels("malformed_ref").inc()
             raise RefRejected(str(exc), code="malformed_ref", digest=None) from None
 
+    def _ask_pixels(self, cached: bool) -> bool:
+        """Whether to ask the store for an image's kept pixels first: bytes already here are
+        decoded here. The store keeps none of JPEGs (a 404 it answers at once), and a ref does
+        not say its type: a JPEG costs that one round trip, a screenshot PNG saves its decode."""
+        return self.settings.store_pixels and not cached
+
+    def _checked(self, digest: str, img: Image.Image) -> Image.Image:
+        """The store's kept pixels of ``digest``, held to the plugin's own limits."""
+        try:
+            if img.width * img.height > self.settings.max_image_pixels:
+                raise decode.ImageTooLarge(
+                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
+                    f"limit of {self.settings.max_image_pixels} (MMSTORE_MAX_IMAGE_PIXELS)"
+                )
+            if self.layout is not None:
+                self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
+        except decode.ImageError as exc:
+            raise self._refused(digest, exc) from None
+        self.decoded.put(digest, img)
+        REFS.labels("pixels").inc()
+        STORE_BYTES.inc(img.width * img.height * 3)
+        return img
+
+    @staticmethod
+    def _refused(digest: str, exc: decode.ImageError) -> RefRejected:
+        REF_ERRORS.labels(exc.code).inc()
+        return RefRejected(f"mmstore image {digest} is refused: {exc}", code=exc.code, digest=digest)
+
     def _decode(self, digest: str, data: bytes, cached: bool) -> Image.Image:
         start = time.perf_counter()
         try:
@@ -149,9 +186,7 @@ class RefResolver:
             if self.layout is not None:
                 self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
         except decode.ImageError as exc:
-            REF_ERRORS.labels(exc.code).inc()
-            message = f"mmstore image {digest} is refused: {exc}"
-            raise RefRejected(message, code=exc.code, digest=digest) from None
+            raise self._refused(digest, exc) from None
         finally:
             DECODE_SECONDS.inc(time.perf_counter() - start)
         self.decoded.put(digest, img)

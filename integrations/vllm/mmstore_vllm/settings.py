@@ -24,6 +24,11 @@ class PluginSettings(BaseSettings):
     decoded_cache_bytes: int = Field(
         512 << 20, ge=0, description="decoded RGB images kept per process (width*height*3 each)"
     )
+    store_pixels: bool = Field(
+        True,
+        description="take a new image's decoded pixels from the store when it kept them from verifying "
+        "the upload (not JPEGs), instead of fetching its bytes and decoding them here",
+    )
     max_image_pixels: int = Field(
         decode.DEFAULT_MAX_PIXELS, ge=1, description="refs whose header says more pixels are refused (422)"
     )
