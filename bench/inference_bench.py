@@ -584,8 +584,9 @@ def markdown(summaries: list[Summary], turns: dict[str, list], costs: dict, info
         f"one conversation alternate between the paths (order flipped every block) with a "
         f"{st['gap']:g} s pause between blocks, since an idle vLLM worker busy-polls for 1 s after "
         + ("its last request." if gpu else "its last request and both workers are pinned to the same core."),
-        "- (a) is timed in the client around `AsyncInferenceClient.generate` (body encoding, "
-        "HTTP on loopback, response parsing included); (b) around `AsyncLLM.generate` in this process.",
+        "- (a) is timed in the client around `AsyncInferenceClient.generate` over `AiohttpTransport` "
+        "(body encoding, HTTP on loopback, response parsing included); (b) around `AsyncLLM.generate` "
+        "in this process.",
         f"- Command: `{st['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -601,6 +602,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
     from mmstore_client.layouts import Layout
     from mmstore_client.placeholders import image_markup_ids
     from mmstore_client.render import Renderer
+    from mmstore_client.transport import AiohttpTransport
     from mmstore_inference.engine import Engine, engine_args
 
     t_start = time.monotonic()
@@ -642,7 +644,7 @@ async def bench(opts: dict, stack: Stack, tmp: Path) -> None:
         greedy = SamplingOptions(max_tokens=opts["max_tokens"], temperature=0.0)
         paths = Paths(
             floor.llm,
-            AsyncInferenceClient(inference.url, timeout=300, retries=0),
+            AsyncInferenceClient(inference.url, timeout=300, retries=0, transport=AiohttpTransport()),
             floor.sampling_params(greedy, image_markup_ids(renderer.tokenizer, layout)),
             opts["max_tokens"],
         )

