@@ -138,11 +138,12 @@ def reject_processed(
     """
     if isinstance(obj, dict):
         for key, value in obj.items():
-            sub = f"{path}.{key}"
             if key in PROCESSED_KEYS:
-                raise ProcessedPayloadError(sub, f"key {key!r}")
+                raise ProcessedPayloadError(f"{path}.{key}", f"key {key!r}")
+            if value is None or type(value) in _PLAIN_NUMBERS:  # a leaf with nothing to check
+                continue
             image = key in IMAGE_KEYS or (_image and key == "url")
-            reject_processed(value, sub, allow_data_uris=allow_data_uris, _image=image)
+            reject_processed(value, f"{path}.{key}", allow_data_uris=allow_data_uris, _image=image)
     elif isinstance(obj, list | tuple):
         if obj and set(map(type, obj)) <= _PLAIN_NUMBERS:  # token ids, masks, logprobs: fast path
             return
