@@ -199,6 +199,14 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+def check_area(width: int, height: int, max_pixels: int) -> None:
+    """:class:`ImageTooLarge` for an image of more than ``max_pixels`` pixels."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+
+
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """Read format and size from the header only (microseconds; no pixel decoding).
 
@@ -218,10 +226,7 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
             orientation = 1 if fmt == "TIFF" else _orientation(img)
     if raw_w <= 0 or raw_h <= 0:
         raise CorruptImage(f"image header gives an empty size {raw_w}x{raw_h}")
-    if raw_w * raw_h > max_pixels:
-        raise ImageTooLarge(
-            f"image is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of {max_pixels}"
-        )
+    check_area(raw_w, raw_h, max_pixels)
     if orientation in _SWAPPING_ORIENTATIONS:  # fields: format, mime, raw size, upright size
         return ImageHeader(fmt, FORMAT_MIME[fmt], raw_w, raw_h, raw_h, raw_w)
     return ImageHeader(fmt, FORMAT_MIME[fmt], raw_w, raw_h, raw_w, raw_h)

@@ -6,8 +6,8 @@ pixels from a store on loopback takes it 8-10 ms, aiohttp's parser 3-5 ms (see `
 transport keeps httpx's client (its API, auth headers, redirects, timeouts and exception tree, all
 of which the store clients build on) and moves the bytes with aiohttp, which a vLLM installation
 carries anyway (install ``mmstore-client[aiohttp]`` elsewhere). Pass it to
-:class:`~mmstore_client.AsyncStoreClient` (``transport=AiohttpTransport()``), as the inference
-service and the vLLM plugin do.
+:class:`~mmstore_client.AsyncStoreClient` or :class:`~mmstore_client.inference.AsyncInferenceClient`
+(``transport=AiohttpTransport()``), as the inference service and the rollout loop do.
 
 What it maps, so that callers see httpx's behaviour:
 

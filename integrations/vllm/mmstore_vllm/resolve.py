@@ -119,8 +119,11 @@ class RefResolver:
         cached = digest in self.byte_cache
         with self._store_errors(digest):
             kept = self.store.pixels(digest) if self._ask_pixels(cached) else None
-            data = self.store.get(digest) if kept is None else b""
-        return digest, self._checked(digest, kept) if kept is not None else self._decode(digest, data, cached)
+            if kept is None:
+                data = self.store.get(digest)
+        if kept is not None:
+            return digest, self._checked(digest, kept)
+        return digest, self._decode(digest, data, cached)
 
     async def image_async(self, url: str) -> tuple[str, Image.Image]:
         """The digest and RGB image of ref ``url``; one fetch and decode per digest at a time,
@@ -136,7 +139,8 @@ class RefResolver:
             cached = digest in self.byte_cache
             with self._store_errors(digest):
                 kept = await store.pixels(digest) if self._ask_pixels(cached) else None
-                data = await store.get(digest) if kept is None else b""
+                if kept is None:
+                    data = await store.get(digest)
             if kept is not None:
                 return self._checked(digest, kept)
             return await asyncio.to_thread(self._decode, digest, data, cached)
@@ -160,11 +164,7 @@ class RefResolver:
     def _checked(self, digest: str, img: Image.Image) -> Image.Image:
         """The store's kept pixels of ``digest``, held to the plugin's own limits."""
         try:
-            if img.width * img.height > self.settings.max_image_pixels:
-                raise decode.ImageTooLarge(
-                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
-                    f"limit of {self.settings.max_image_pixels} (MMSTORE_MAX_IMAGE_PIXELS)"
-                )
+            decode.check_area(img.width, img.height, self.settings.max_image_pixels)
             if self.layout is not None:
                 self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
         except decode.ImageError as exc:
