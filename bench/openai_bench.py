@@ -198,7 +198,7 @@ class Runner:
         out = r.json()
         if conv.path == "generate":
             prompt, tokens = out["prompt_token_ids"], out["samples"][0]["token_ids"]
-            server = {k: v * 1e3 for k, v in out["timings"].items()}
+            server = {k: v * 1e3 for k, v in out["timings"].items() if v is not None}
         else:
             prompt, tokens = out["prompt_token_ids"], out["choices"][0]["token_ids"]
             if "mmstore" in out:
@@ -308,24 +308,27 @@ def overhead_ms(r: Result) -> float:
 def stages_ms(r: Result) -> dict[str, float]:
     """Where a chat request's overhead goes (ms), from the service's ``mmstore.timings``:
     offload; render (headers + template + tokenize, or bridge); engine prep (the generate path's
-    fetch + vLLM's processing of the prompt and its check); server rest (the endpoint's own work
-    between them: request checks, decoding, response objects); outside (what the service's
-    ``total_s`` does not see: HTTP, the request's JSON parsing and validation, the response's
-    serialization, the client's encoding and parsing)."""
+    fetch and its check of vLLM's expansion); vLLM prep (vLLM's own processing of the prompt: its
+    processor-cache lookups and placeholder expansion, which no client of vLLM avoids); server
+    rest (the endpoint's own work between them: request checks, decoding, response objects);
+    outside (what the service's ``total_s`` does not see: HTTP, the request's JSON parsing and
+    validation, the response's serialization, the client's encoding and parsing)."""
     s = r.server
-    prep = s.get("fetch_s", 0.0) + s.get("process_s", 0.0)
-    known = s.get("offload_s", 0.0) + s.get("render_s", 0.0) + prep + s.get("generate_s", 0.0)
+    vllm = s.get("vllm_process_s", 0.0)
+    prep = s.get("fetch_s", 0.0) + s.get("process_s", 0.0) - vllm
+    known = s.get("offload_s", 0.0) + s.get("render_s", 0.0) + prep + vllm + s.get("generate_s", 0.0)
     total = s.get("total_s", 0.0)
     return {
         "offload": s.get("offload_s", 0.0),
         "render": s.get("render_s", 0.0),
         "engine prep": prep,
+        "vLLM prep": vllm,
         "server rest": total - known,
         "outside": r.latency_s * 1e3 - total,
     }
 
 
-STAGES = ("offload", "render", "engine prep", "server rest", "outside")
+STAGES = ("offload", "render", "engine prep", "vLLM prep", "server rest", "outside")
 
 
 def long_rows(results: list[Result], turns: int) -> list[list[str]]:
@@ -395,6 +398,16 @@ def long_verdict(results: list[Result], turns: int) -> list[str]:
             out.append(
                 f"{path} overhead (latency - vLLM generate) over turns 5..{turns}: "
                 f"{min(mid):.1f} .. {max(mid):.1f} ms (median {med(mid):.1f})"
+            )
+            ours = [
+                overhead_ms(warm[(path, t)]) - stages_ms(warm[(path, t)])["vLLM prep"]
+                for t in range(5, turns + 1)
+                if (path, t) in warm
+            ]
+            out.append(
+                f"{path} overhead without vLLM's own prep (the installed vLLM's processing of the"
+                f" prompt) over turns 5..{turns}: {ours[0]:.1f} at turn 5, {ours[-1]:.1f} at turn"
+                f" {turns}, {min(ours):.1f} .. {max(ours):.1f} ms (median {med(ours):.1f})"
             )
     return out
 
@@ -538,10 +551,12 @@ def markdown(results: list[Result], agree: dict, info: dict) -> str:
             *[f"- {line}" for line in long_verdict(info["long"], o["long_turns"])],
             "",
             "Where the overhead goes (warm pass, ms; see `stages_ms` in the script): offload; render "
-            "(headers, template, tokenize or bridge); engine prep (the generate path's fetch and vLLM's "
-            "processing of the prompt, with its check); server rest (the endpoint's own work between "
-            "them); outside (HTTP, request JSON parsing and validation, response serialization, the "
-            "client's encoding and parsing).",
+            "(headers, template, tokenize or bridge); engine prep (the generate path's fetch and its "
+            "check of vLLM's expansion); vLLM prep (vLLM's own processing of the prompt: processor-cache "
+            "lookups and placeholder expansion, which every client of that vLLM version pays; see "
+            "`bench/vllm_prep_bench.py`); server rest (the endpoint's own work between them); outside "
+            "(HTTP, request JSON parsing and validation, response serialization, the client's encoding "
+            "and parsing).",
             "",
             *md_table(STAGE_COLS, stage_rows(info["long"], o["long_turns"]), ("path",)),
             "",

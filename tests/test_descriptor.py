@@ -18,7 +18,7 @@ from mmstore_client.descriptor import (
     ProcessedPayloadError,
     reject_processed,
 )
-from mmstore_client.digest import compute_digest
+from mmstore_client.digest import REF_PREFIX, compute_digest
 from mmstore_client.samples import Sample
 from pydantic import ValidationError
 from support import image_bytes
@@ -214,6 +214,8 @@ def test_base64_images_are_refused_wherever_they_are(fmt):
         ("$[0].content[0].image_url", part({"type": "input_image", "image_url": b64})),
         ("$[0].content[0].text", part({"type": "text", "text": f"the chart: {b64} as you asked"})),
         ("$[0].content", [{"role": "tool", "content": json.dumps({"ok": True, "png": b64})}]),
+        # after a ref: only a well-formed ref alone (a blake3 digest after the prefix) is passed over
+        ("$[0].content", [{"role": "tool", "content": f"{REF_PREFIX}blake3:{'0' * 64} {b64}"}]),
     ]
     for path, messages in places:
         with pytest.raises(ProcessedPayloadError) as exc:

@@ -66,6 +66,8 @@ def test_single_and_multi_image_token_exact(client):
         (sample,) = body["samples"]
         assert len(sample["token_ids"]) == len(sample["logprobs"]) <= 8
         assert sample["finish_reason"] in ("stop", "length")
+        timings = body["timings"]  # vLLM's own processing is a part of the service's
+        assert 0 < timings["vllm_process_s"] <= timings["process_s"] < timings["total_s"]
 
 
 def test_greedy_is_deterministic_and_n_samples(client):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mmstore_client import compute_digest, decode, make_ref
 from mmstore_client.descriptor import ProcessedPayloadError
 from mmstore_client.render import Renderer, RenderError
@@ -117,6 +121,66 @@ def test_compact_tokenization_renders_exactly_what_expanding_every_image_does(mo
     assert fast.token_ids == exact.token_ids
     assert fast.image_spans == exact.image_spans
     assert fast.assistant_mask == exact.assistant_mask
+
+
+def test_pieces_render_what_tokenizing_the_whole_text_does(model_dir):
+    """Tokenizing the text between chat markup tokens piece by piece (each piece kept) against the
+    tokenizer on the whole text, for a first render and for one from kept pieces."""
+    images = Images()
+    messages = conversation(images)
+    renderer = Renderer.from_pretrained(model_dir)
+    headers = images.image_headers(images)
+    assert renderer._pieces is not None  # the tiny models' tokenizers split their markup out
+    first, again = renderer.render(messages, headers), renderer.render(messages, headers)
+    assert renderer._pieces.kept.hits > 0
+    renderer._pieces = None
+    whole = renderer.render(messages, headers)
+    for out in (first, again):
+        assert (out.token_ids, out.image_spans, out.assistant_mask) == (
+            whole.token_ids,
+            whole.image_spans,
+            whole.assistant_mask,
+        )
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12) | st.sampled_from(
+    [" ", "\n\n", "  x", "e\u0301", "\u00e9", "assistant\n", "12 345", "<|im", "_start|>", "\t"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_pieces_tokenize_any_text_as_the_tokenizer_does(tiny_qwen2_vl, data):
+    tokenizer, pieces = _pieces_of(tiny_qwen2_vl)
+    markup = st.sampled_from([t.content for t in tokenizer.added_tokens_decoder.values()])
+    parts = data.draw(st.lists(_TEXT | markup, max_size=12))
+    text = "".join(parts)
+    expected = tokenizer.encode(text, add_special_tokens=False)
+    assert pieces.encode(text) == expected
+    assert pieces.encode(text) == expected  # from kept pieces
+
+
+@functools.cache
+def _pieces_of(model_dir):
+    """A model's tokenizer and its pieces, built once for all examples (the kept pieces too)."""
+    from mmstore_client.render import _PieceTokens
+
+    tokenizer = Renderer.from_pretrained(model_dir).tokenizer
+    pieces = _PieceTokens.of(tokenizer)
+    assert pieces is not None
+    return tokenizer, pieces
+
+
+def test_a_tokenizer_that_strips_around_markup_is_tokenized_whole(tiny_qwen2_vl):
+    """An added token that takes the whitespace beside it: pieces would tokenize that whitespace,
+    the tokenizer does not; the renderer tokenizes the whole text then, and stays exact."""
+    from mmstore_client.render import _PieceTokens
+    from transformers import AddedToken, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen2_vl))
+    assert _PieceTokens.of(tokenizer) is not None
+    tokenizer.add_tokens([AddedToken("<tool>", lstrip=True, rstrip=True)])
+    assert _PieceTokens.of(tokenizer) is None
 
 
 def test_bridging_keeps_sampled_ids_and_descriptors(tiny_qwen2_vl):

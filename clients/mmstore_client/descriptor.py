@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from .digest import REF_PREFIX, is_digest
+
 DESCRIPTOR_VERSION = 1
 
 # keys that only ever hold processed image data
@@ -153,6 +155,8 @@ def reject_processed(
         for i, value in enumerate(obj):
             reject_processed(value, f"{path}[{i}]", allow_data_uris=allow_data_uris)
     elif isinstance(obj, str):
+        if obj.startswith(REF_PREFIX) and is_digest(obj[len(REF_PREFIX) :]):
+            return  # a well-formed ref: nothing else fits in it
         if _DATA_URI.match(obj):
             if not allow_data_uris:
                 raise ProcessedPayloadError(path, "inline base64 data URI")

@@ -69,6 +69,11 @@ class Usage(BaseModel):
 class Timings(BaseModel):
     fetch_s: float = Field(description="fetching, verifying and decoding the images")
     process_s: float = Field(description="vLLM's input processing and the placeholder check")
+    vllm_process_s: float | None = Field(
+        None,
+        description="of process_s, the time in vLLM's own input processing (its processor-cache lookups "
+        "and placeholder expansion); None where the server does not say",
+    )
     generate_s: float = Field(description="from submission to the last token (queue included)")
     total_s: float
 

@@ -20,11 +20,16 @@ VIDEO_TYPES = frozenset({"video", "video_url", "input_video"})
 class ImagePart:
     """One image URL in a body, where it is, and how to replace it."""
 
-    where: str  # "messages[2].content[1]"
     path: tuple[str | int, ...]  # (2, "content", 1) for a message list
+    root: str  # "messages" for a message list, "" for a body
     container: dict  # the dict holding the URL: the part, or its ``image_url`` object
     key: str  # "url" in {"url": ...}, or "image_url" when the URL is a plain string
     url: str
+
+    @property
+    def where(self) -> str:
+        """Where the part is: ``messages[2].content[1]`` (written when asked: most walks never do)."""
+        return _where(self.path, self.root)
 
     @property
     def in_content(self) -> bool:
@@ -73,9 +78,9 @@ def image_parts(body: Any) -> list[ImagePart]:
     def part(obj: dict, path: tuple[str | int, ...], root: str) -> None:
         val = obj.get("image_url")
         if isinstance(val, dict) and isinstance(val.get("url"), str):
-            found.append(ImagePart(_where(path, root), path, val, "url", val["url"]))
+            found.append(ImagePart(path, root, val, "url", val["url"]))
         elif isinstance(val, str):
-            found.append(ImagePart(_where(path, root), path, obj, "image_url", val))
+            found.append(ImagePart(path, root, obj, "image_url", val))
 
     _walk(body, part)
     return found

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from .parts import image_parts, video_parts
 from .placeholders import PlaceholderMismatch, check_runs
 
 DESCRIPTORS_KEPT = 1 << 16  # about 1 KB each
+PIECE_TOKENS_KEPT = 1 << 20  # tokens of text pieces kept by :class:`_PieceTokens` (about 40 MB)
 
 
 class RenderError(ValueError):
@@ -155,16 +157,75 @@ class TemplateOptions:
         return cls(list(tools) if tools else None, dict(kwargs or {}))
 
 
+def _splits_added_tokens(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is an HF fast tokenizer that splits its added tokens (the chat markup,
+    the image placeholder) out of a text first and tokenizes each piece between them on its own:
+    one whose added tokens strip no whitespace and match no single words. Then a text's ids are
+    its pieces' ids in order (:class:`_PieceTokens`, :class:`_PrefixTokens`)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not added:
+        return False
+    return not any(t.lstrip or t.rstrip or t.single_word for t in added.values())
+
+
+# a text around every added token: whitespace runs, accents (combining and composed), digits, words
+_PIECES_PROBE = ("Hello,  world!\n\n", " e\u0301t\u00e9 ", "12345 x", "\t\n  ", "assistant\n", "")
+
+
+class _PieceTokens:
+    """A text's ids from its pieces' ids, each piece's kept: where :func:`_splits_added_tokens`.
+
+    A conversation's pieces (the text between two chat markup tokens: a message's role line, its
+    text, ...) come again in every later request of the conversation, so only the new messages'
+    pieces are tokenized: a render from scratch at turn 20 (2 images a turn, 4.9 k characters of
+    template text) tokenized all of it each time, and the time grew with the turn. ``of`` checks
+    the rule once, on a probe text around every added token, against the tokenizer's own encoding.
+    """
+
+    def __init__(self, tokenizer: Any, split: re.Pattern[str], added: dict[str, int]) -> None:
+        self.tokenizer, self.split, self.added = tokenizer, split, added
+        self.kept: LRUCache[str, list[int]] = LRUCache(PIECE_TOKENS_KEPT, cost=len)
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _PieceTokens | None:
+        if not _splits_added_tokens(tokenizer):
+            return None
+        tokens = tokenizer.added_tokens_decoder.values()
+        if tokenizer.backend_tokenizer.normalizer is not None and any(t.normalized for t in tokens):
+            return None  # such tokens are matched in the normalized text, not in the text itself
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
+        # longest first: at one position the longest added token matches, as the tokenizer's does
+        split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
+        pieces = cls(tokenizer, split, added)
+        probe = "".join(f"{text}{token}" for token in added for text in _PIECES_PROBE)
+        if pieces.encode(probe) != tokenizer.encode(probe, add_special_tokens=False):
+            return None
+        pieces.kept = LRUCache(PIECE_TOKENS_KEPT, cost=len)  # the probe's pieces are not kept
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer.encode(text, add_special_tokens=False)``, piece by piece."""
+        ids: list[int] = []
+        for i, piece in enumerate(self.split.split(text)):
+            if i % 2:  # an added token
+                ids.append(self.added[piece])
+            elif piece:
+                known = self.kept.get(piece)
+                if known is None:
+                    known = self.tokenizer.encode(piece, add_special_tokens=False)
+                    self.kept.put(piece, known)
+                ids.extend(known)
+        return ids
+
+
 class _PrefixTokens:
     """How many tokens a prefix of ``text`` tokenizes to, from one tokenization of ``text``.
 
-    Exact by how HF fast tokenizers work: added tokens (the chat markup, the image placeholder) are
-    split out first and the text between them is tokenized piece by piece. So a prefix that ends
-    with an added token tokenizes as ``text`` does up to there, and any other prefix as that plus
-    the tokenization of its tail after its last added token (a few characters, e.g. "assistant\n",
-    tokenized alone). Used only where that holds: a fast tokenizer whose added tokens strip no
-    whitespace and match no single words, whose backend gives ``text`` the tokenizer's own ids;
-    a prefix that is not one of ``text`` returns None (the caller tokenizes it).
+    Exact where :func:`_splits_added_tokens`: a prefix that ends with an added token tokenizes as
+    ``text`` does up to there, and any other prefix as that plus the tokenization of its tail
+    after its last added token (a few characters, e.g. "assistant\n", tokenized alone). Used only
+    where the tokenizer's backend gives ``text`` the tokenizer's own ids; a prefix that is not one
+    of ``text`` returns None (the caller tokenizes it).
     """
 
     def __init__(self, tokenizer: Any, text: str, ends: list[int], counts: list[int]) -> None:
@@ -173,13 +234,10 @@ class _PrefixTokens:
     @classmethod
     def of(cls, renderer: Renderer, text: str) -> _PrefixTokens | None:
         tokenizer = renderer.tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        added = getattr(tokenizer, "added_tokens_decoder", None)
-        if backend is None or not added:
+        if not _splits_added_tokens(tokenizer):
             return None
-        if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
-            return None
-        encoding = backend.encode(text, add_special_tokens=False)
+        added = tokenizer.added_tokens_decoder
+        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
         if encoding.ids != tokenizer.encode(text, add_special_tokens=False):
             return None
         ends, counts = [], []  # each added token's end (characters) and the tokens through it
@@ -213,6 +271,7 @@ class Renderer:
         self.eos_token: str = tokenizer.eos_token
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self._descriptors: LRUCache[tuple[str, ImageHeader], Descriptor] = LRUCache(DESCRIPTORS_KEPT)
+        self._pieces = _PieceTokens.of(tokenizer)
         # whether the placeholder is one token that the tokenizer never merges with its neighbours
         # (an added token, split out before the rest is tokenized): see _expands_by_repeat
         twice = layout.placeholder * 2
@@ -356,16 +415,21 @@ class Renderer:
     def _compact_expanded(self, text: str, descriptors: list[Descriptor]) -> list[int] | None:
         """The expanded ids from the compact text's tokenization (see _expands_by_repeat); None
         where its placeholder ids do not pair up with ``descriptors`` (the caller then expands)."""
-        compact = self.tokenizer.encode(text, add_special_tokens=False)
-        if compact.count(self.image_token_id) != len(descriptors):
+        if self._pieces is not None:
+            compact = self._pieces.encode(text)
+        else:
+            compact = self.tokenizer.encode(text, add_special_tokens=False)
+        image = self.image_token_id
+        if compact.count(image) != len(descriptors):
             return None
         ids: list[int] = []
-        images = iter(descriptors)
-        for t in compact:
-            if t == self.image_token_id:
-                ids.extend([t] * next(images).num_tokens)
-            else:
-                ids.append(t)
+        start = 0
+        for desc in descriptors:
+            at = compact.index(image, start)
+            ids.extend(compact[start:at])
+            ids.extend([image] * desc.num_tokens)
+            start = at + 1
+        ids.extend(compact[start:])
         return ids
 
     def _check_emitted(self, messages: Sequence[dict[str, Any]], options: TemplateOptions) -> None:

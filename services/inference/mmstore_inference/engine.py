@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import time
 import uuid
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -173,6 +174,7 @@ class Prepared:
     engine_input: Any
     expanded_ids: list[int]
     placeholder_lengths: list[int]
+    vllm_s: float  # the time in vLLM's renderer
 
 
 @dataclass
@@ -216,14 +218,17 @@ class Engine:
                 "image": [_decoded(img, d) for img, d in zip(images, digests, strict=True)]
             }
             prompt["multi_modal_uuids"] = {"image": digests}
+        started = time.perf_counter()
         with _client_errors():
             parsed = parse_model_prompt(self.llm.model_config, prompt)
             (engine_input,) = await self.llm.renderer.render_cmpl_async([parsed])
+        vllm_s = time.perf_counter() - started
         placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
         return Prepared(
             engine_input,
             list(engine_input["prompt_token_ids"]),
             [p.length for p in placeholders],
+            vllm_s,
         )
 
     def sampling_params(self, options: SamplingOptions, forbidden_ids: set[int]) -> Any:

@@ -156,5 +156,11 @@ class GenerateService:
                 completion_tokens=sum(len(c.token_ids) for c in result.completions),
                 cached_prompt_tokens=result.cached_prompt_tokens,
             ),
-            timings=Timings(fetch_s=fetch_s, process_s=process_s, generate_s=generate_s, total_s=total),
+            timings=Timings(
+                fetch_s=fetch_s,
+                process_s=process_s,
+                vllm_process_s=prepared.vllm_s,
+                generate_s=generate_s,
+                total_s=total,
+            ),
         )

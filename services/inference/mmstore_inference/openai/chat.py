@@ -237,7 +237,8 @@ class OpenAIChat:
             prompt_tokens_details={"cached_tokens": result.usage.cached_prompt_tokens or 0},
         )
         timings = dict(prompt.timings)
-        timings |= result.timings.model_dump(exclude={"total_s"}) | {"total_s": time.perf_counter() - started}
+        timings |= result.timings.model_dump(exclude={"total_s"}, exclude_none=True)
+        timings["total_s"] = time.perf_counter() - started
         mmstore = MmstoreInfo(
             family=self.layout.family,
             fingerprint=self.layout.fingerprint,

@@ -28,7 +28,7 @@ from mmstore_client.descriptor import ProcessedPayloadError
 from mmstore_client.errors import ApiError, AuthError, BadRequestError, TransportError
 from mmstore_client.layouts import LayoutRefusal
 from mmstore_client.offload import OffloadError, OffloadPolicy, aoffload_messages
-from mmstore_client.parts import image_parts
+from mmstore_client.parts import ImagePart, image_parts
 from mmstore_client.placeholders import PlaceholderMismatch as IdsMismatch
 from mmstore_client.placeholders import check_runs
 from mmstore_client.render import Rendered, Renderer, RenderError, image_refs
@@ -92,9 +92,12 @@ class PromptBuilder:
 
     async def build(self, body: ChatCompletionRequest, messages: list[dict], run: str) -> Prompt:
         started = time.perf_counter()
-        messages, offloaded = await self._offload(messages, run)
+        parts = image_parts(messages)
+        out, offloaded = await self._offload(messages, parts, run)
+        if out is not messages:  # inline images replaced by refs
+            messages, parts = out, image_parts(out)
         offloaded_at = time.perf_counter()
-        params = [p.url_where for p in image_parts(messages)]
+        params = [p.url_where for p in parts]
         prompt = await self._render(body, messages, params)
         timings = {"offload_s": offloaded_at - started, "render_s": time.perf_counter() - offloaded_at}
         return Prompt(*prompt, offloaded, params, timings)
@@ -151,10 +154,13 @@ class PromptBuilder:
         before = Rendered(list(previous), descriptors, runs, None, history)
         return self.renderer.bridge(before, new, headers, **options)
 
-    async def _offload(self, messages: list[dict], run: str) -> tuple[list[dict], list[str]]:
-        """Refs stay; data URIs and http(s) URLs are offloaded; anything else is refused."""
+    async def _offload(
+        self, messages: list[dict], parts: list[ImagePart], run: str
+    ) -> tuple[list[dict], list[str]]:
+        """Refs stay; data URIs and http(s) URLs are offloaded; anything else is refused.
+        ``parts``: the image parts of ``messages``."""
         refs, inline = set(), False
-        for part in image_parts(messages):
+        for part in parts:
             if part.url.startswith("mmstore://"):
                 try:
                     refs.add(parse_ref(part.url))
