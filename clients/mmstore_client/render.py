@@ -19,7 +19,6 @@ size): the layout places it from that alone.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import re
 from collections.abc import Mapping, Sequence
@@ -161,7 +160,7 @@ def _splits_added_tokens(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` is an HF fast tokenizer that splits its added tokens (the chat markup,
     the image placeholder) out of a text first and tokenizes each piece between them on its own:
     one whose added tokens strip no whitespace and match no single words. Then a text's ids are
-    its pieces' ids in order (:class:`_PieceTokens`, :class:`_PrefixTokens`)."""
+    its pieces' ids in order (:class:`_PieceTokens`)."""
     added = getattr(tokenizer, "added_tokens_decoder", None)
     if getattr(tokenizer, "backend_tokenizer", None) is None or not added:
         return False
@@ -196,12 +195,10 @@ class _PieceTokens:
         added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
         # longest first: at one position the longest added token matches, as the tokenizer's does
         split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
-        pieces = cls(tokenizer, split, added)
         probe = "".join(f"{text}{token}" for token in added for text in _PIECES_PROBE)
-        if pieces.encode(probe) != tokenizer.encode(probe, add_special_tokens=False):
+        if cls(tokenizer, split, added).encode(probe) != tokenizer.encode(probe, add_special_tokens=False):
             return None
-        pieces.kept = LRUCache(PIECE_TOKENS_KEPT, cost=len)  # the probe's pieces are not kept
-        return pieces
+        return cls(tokenizer, split, added)  # the probe's pieces are not kept
 
     def encode(self, text: str) -> list[int]:
         """``tokenizer.encode(text, add_special_tokens=False)``, piece by piece."""
@@ -216,44 +213,6 @@ class _PieceTokens:
                     self.kept.put(piece, known)
                 ids.extend(known)
         return ids
-
-
-class _PrefixTokens:
-    """How many tokens a prefix of ``text`` tokenizes to, from one tokenization of ``text``.
-
-    Exact where :func:`_splits_added_tokens`: a prefix that ends with an added token tokenizes as
-    ``text`` does up to there, and any other prefix as that plus the tokenization of its tail
-    after its last added token (a few characters, e.g. "assistant\n", tokenized alone). Used only
-    where the tokenizer's backend gives ``text`` the tokenizer's own ids; a prefix that is not one
-    of ``text`` returns None (the caller tokenizes it).
-    """
-
-    def __init__(self, tokenizer: Any, text: str, ends: list[int], counts: list[int]) -> None:
-        self.tokenizer, self.text, self.ends, self.counts = tokenizer, text, ends, counts
-
-    @classmethod
-    def of(cls, renderer: Renderer, text: str) -> _PrefixTokens | None:
-        tokenizer = renderer.tokenizer
-        if not _splits_added_tokens(tokenizer):
-            return None
-        added = tokenizer.added_tokens_decoder
-        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-        if encoding.ids != tokenizer.encode(text, add_special_tokens=False):
-            return None
-        ends, counts = [], []  # each added token's end (characters) and the tokens through it
-        for i, (token, (_, end)) in enumerate(zip(encoding.ids, encoding.offsets, strict=True)):
-            if token in added:
-                ends.append(end)
-                counts.append(i + 1)
-        return cls(tokenizer, text, ends, counts)
-
-    def count(self, prefix: str) -> int | None:
-        if not self.text.startswith(prefix):
-            return None
-        j = bisect.bisect_right(self.ends, len(prefix)) - 1
-        cut, n = (self.ends[j], self.counts[j]) if j >= 0 else (0, 0)
-        tail = prefix[cut:]
-        return n + (len(self.tokenizer.encode(tail, add_special_tokens=False)) if tail else 0)
 
 
 class Renderer:
@@ -412,13 +371,16 @@ class Renderer:
             for d in descriptors
         )
 
+    def _tokenize(self, text: str) -> list[int]:
+        """``text``'s ids: from its pieces' kept ids where :class:`_PieceTokens` applies."""
+        if self._pieces is not None:
+            return self._pieces.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def _compact_expanded(self, text: str, descriptors: list[Descriptor]) -> list[int] | None:
         """The expanded ids from the compact text's tokenization (see _expands_by_repeat); None
         where its placeholder ids do not pair up with ``descriptors`` (the caller then expands)."""
-        if self._pieces is not None:
-            compact = self._pieces.encode(text)
-        else:
-            compact = self.tokenizer.encode(text, add_special_tokens=False)
+        compact = self._tokenize(text)
         image = self.image_token_id
         if compact.count(image) != len(descriptors):
             return None
@@ -465,9 +427,9 @@ class Renderer:
         token, False elsewhere.
 
         Each boundary is the length of a prefix's rendering; a prefix's images are the first of
-        ``descriptors``, so no image is placed again. The prefixes' lengths come from the whole
-        ``text``'s one tokenization where that is exact (:class:`_PrefixTokens`): tokenizing every
-        prefix made a render from scratch quadratic in the conversation (42 ms of 47 at 20 turns of
+        ``descriptors``, so no image is placed again. A prefix's pieces are the whole text's (kept
+        from its tokenization, :class:`_PieceTokens`) but for its last one: tokenizing every prefix
+        whole made a render from scratch quadratic in the conversation (42 ms of 47 at 20 turns of
         33 k tokens). What remains per assistant message is the template pass of its prefixes.
         """
         mask = [False] * len(ids)
@@ -481,16 +443,13 @@ class Renderer:
         extra = [0]  # tokens the first i images add to their placeholders
         for d in descriptors:
             extra.append(extra[-1] + d.num_tokens - 1)
-        counter = _PrefixTokens.of(self, text) if compact else None
 
         def prefix_len(k: int, add_generation_prompt: bool) -> int:
             if k == 0:
                 return 0
             prefix = self._template(messages[:k], add_generation_prompt, options)
-            if counter is not None and (n := counter.count(prefix)) is not None:
-                return n + extra[before[k]]
             if compact:
-                return len(self.tokenizer.encode(prefix, add_special_tokens=False)) + extra[before[k]]
+                return len(self._tokenize(prefix)) + extra[before[k]]
             return len(self._encode(prefix, descriptors[: before[k]], 0)[0])
 
         for k, message in enumerate(messages):

@@ -162,17 +162,24 @@ class RefResolver:
         return self.settings.store_pixels and not cached
 
     def _checked(self, digest: str, img: Image.Image) -> Image.Image:
-        """The store's kept pixels of ``digest``, held to the plugin's own limits."""
+        """The store's kept pixels of ``digest``, held to the plugin's pixel limit (the decode's)."""
         try:
             decode.check_area(img.width, img.height, self.settings.max_image_pixels)
-            if self.layout is not None:
-                self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
         except decode.ImageError as exc:
             raise self._refused(digest, exc) from None
-        self.decoded.put(digest, img)
+        self._keep(digest, img)
         REFS.labels("pixels").inc()
         STORE_BYTES.inc(img.width * img.height * 3)
         return img
+
+    def _keep(self, digest: str, img: Image.Image) -> None:
+        """Keep a decoded image once the model's layout places it (else it is refused)."""
+        if self.layout is not None:
+            try:
+                self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
+            except decode.ImageError as exc:
+                raise self._refused(digest, exc) from None
+        self.decoded.put(digest, img)
 
     @staticmethod
     def _refused(digest: str, exc: decode.ImageError) -> RefRejected:
@@ -183,13 +190,11 @@ class RefResolver:
         start = time.perf_counter()
         try:
             img = decode.decode_rgb(data, max_pixels=self.settings.max_image_pixels)
-            if self.layout is not None:
-                self.layout.place(img.width, img.height)  # raises LayoutRefusal, an ImageError
         except decode.ImageError as exc:
             raise self._refused(digest, exc) from None
         finally:
             DECODE_SECONDS.inc(time.perf_counter() - start)
-        self.decoded.put(digest, img)
+        self._keep(digest, img)
         if cached:
             REFS.labels("bytes").inc()
         else:
