@@ -1,15 +1,22 @@
 """vLLM's own prompt processing of a long conversation's images, by turn, when every image is cached.
 
 Run: ``.venv/bin/python bench/vllm_prep_bench.py`` (about a minute; no engine, no GPU needed).
-The service hands vLLM one placeholder per image and the decoded images with their digests as
-``multi_modal_uuids`` (:meth:`mmstore_inference.engine.Engine.prepare`); vLLM's renderer then
-looks each image up in its processor cache and expands the placeholders. This bench times exactly
-that call (``renderer.render_cmpl`` on vLLM's own renderer, built from the engine arguments the
-service uses) on the prompts of the OpenAI bench's 20-turn conversation (2 images a turn, a
-1280x720 screenshot PNG and a 640x480 photo JPEG, the same texts), after every turn has been
-processed once, so only cache hits are measured: the part of the service's ``process`` time (the
-OpenAI bench's "engine prep") that belongs to vLLM and that no client of vLLM can avoid, and how
-it grows with the conversation for the installed vLLM version.
+The service hands vLLM the decoded images with their digests as ``multi_modal_uuids``
+(:meth:`mmstore_inference.engine.Engine.prepare`); vLLM's renderer looks each image up in its
+processor cache and expands the placeholders. This bench times two ways of that call on vLLM's own
+renderer (``renderer.render_cmpl``, built from the engine arguments the service uses), on the
+prompts of the OpenAI bench's 20-turn conversation (2 images a turn, a 1280x720 screenshot PNG and
+a 640x480 photo JPEG, the same texts), after every turn has been processed once, so only cache
+hits are measured:
+
+- *whole prompt*: the compact prompt (one placeholder per image) with its images, as any client of
+  vLLM hands it a prompt;
+- *images alone + splice*: what the service does: the images alone (one placeholder each, no text
+  between them), then each image's expansion put in place of its placeholder
+  (:func:`mmstore_inference.engine._splice`).
+
+The difference is what vLLM's search for the placeholders costs in the text between them, and how
+it grows with the conversation for the installed vLLM version (quadratic in 0.26).
 
 Writes the ``vllm_prep_bench`` section of ``bench/RESULTS.md`` (``vllm_prep_bench_gpu`` on a GPU
 machine), one table per vLLM version.
@@ -67,7 +74,8 @@ def measure(model: Path, turns: int, repeats: int, max_model_len: int) -> tuple[
     import vllm
     from mmstore_client.decode import decode_rgb
     from mmstore_client.digest import compute_digest
-    from mmstore_inference.engine import _decoded, engine_args
+    from mmstore_client.render import Renderer
+    from mmstore_inference.engine import _decoded, _splice, engine_args
     from mmstore_inference.settings import InferenceSettings
     from mmstore_rollout.stack import on_gpu
     from vllm.inputs import TokensPrompt
@@ -80,26 +88,47 @@ def measure(model: Path, turns: int, repeats: int, max_model_len: int) -> tuple[
     )
     config = engine_args(settings, on_gpu()).create_engine_config()
     renderer = renderer_from_config(config)
+    client_renderer = Renderer.from_pretrained(model)
+    image_token = client_renderer.tokenizer.convert_tokens_to_ids(client_renderer.layout.image_token)
     digests = [compute_digest(b) for b in files]
     images = [_decoded(decode_rgb(b), d) for b, d in zip(files, digests, strict=True)]
 
-    def process(turn: int) -> float:
-        k = 2 * (turn + 1)
-        prompt = TokensPrompt(prompt_token_ids=prompts[turn])
+    def render(ids: list[int], k: int):
+        prompt = TokensPrompt(prompt_token_ids=ids)
         prompt["multi_modal_data"] = {"image": images[:k]}
         prompt["multi_modal_uuids"] = {"image": digests[:k]}
+        (engine_input,) = renderer.render_cmpl([parse_model_prompt(config.model_config, prompt)])
+        return engine_input
+
+    def whole(turn: int) -> float:
         started = time.perf_counter()
-        renderer.render_cmpl([parse_model_prompt(config.model_config, prompt)])
+        render(prompts[turn], 2 * (turn + 1))
         return time.perf_counter() - started
 
+    def spliced(turn: int) -> float:
+        k = 2 * (turn + 1)
+        started = time.perf_counter()
+        engine_input = _splice(prompts[turn], image_token, render([image_token] * k, k))
+        took = time.perf_counter() - started
+        if engine_input is None:
+            raise RuntimeError("the images alone did not splice into the prompt")
+        return took
+
     for turn in range(turns):  # every image into vLLM's processor cache
-        process(turn)
-    times: list[list[float]] = [[] for _ in range(turns)]
+        whole(turn)
+    times: dict[str, list[list[float]]] = {way: [[] for _ in range(turns)] for way in ("whole", "spliced")}
     for _ in range(repeats):  # rounds over all turns: a busy moment spreads over every turn
         for turn in range(turns):
-            times[turn].append(process(turn) * 1e3)
+            times["whole"][turn].append(whole(turn) * 1e3)
+            times["spliced"][turn].append(spliced(turn) * 1e3)
     rows = [
-        {"turn": t + 1, "images": 2 * (t + 1), "ids": len(prompts[t]), "ms": statistics.median(times[t])}
+        {
+            "turn": t + 1,
+            "images": 2 * (t + 1),
+            "ids": len(prompts[t]),
+            "ms": statistics.median(times["whole"][t]),
+            "spliced_ms": statistics.median(times["spliced"][t]),
+        }
         for t in range(turns)
     ]
     renderer.shutdown()
@@ -108,12 +137,28 @@ def measure(model: Path, turns: int, repeats: int, max_model_len: int) -> tuple[
 
 def cells(rows: list[dict]) -> list[list[str]]:
     return [
-        [str(r["turn"]), str(r["images"]), str(r["ids"]), f"{r['ms']:.2f}", f"{r['ms'] / r['images']:.3f}"]
+        [
+            str(r["turn"]),
+            str(r["images"]),
+            str(r["ids"]),
+            f"{r['ms']:.2f}",
+            f"{r['ms'] / r['images']:.3f}",
+            f"{r['spliced_ms']:.2f}",
+            f"{r['spliced_ms'] / r['images']:.3f}",
+        ]
         for r in rows
     ]
 
 
-COLS = ("turn", "images", "compact ids", "vLLM prep ms", "per image ms")
+COLS = (
+    "turn",
+    "images",
+    "compact ids",
+    "whole prompt ms",
+    "per image ms",
+    "images alone + splice ms",
+    "per image ms",
+)
 
 
 @app.command()
@@ -141,9 +186,13 @@ def main(
         "## vLLM's prompt processing of cached images" + (" (GPU machine)" if gpu else ""),
         "",
         "`renderer.render_cmpl` of vLLM's own renderer (built from the service's engine arguments) on"
-        " each turn's compact prompt of the OpenAI bench's 20-turn conversation, every image already"
-        " in vLLM's processor cache (digests as `multi_modal_uuids`, images as `MediaWithBytes`): the"
-        " part of the service's `process` time, and of the OpenAI bench's \"engine prep\", that is"
+        " each turn's prompt of the OpenAI bench's 20-turn conversation, every image already in"
+        " vLLM's processor cache (digests as `multi_modal_uuids`, images as `MediaWithBytes`), two"
+        " ways: *whole prompt*, the compact prompt (one placeholder per image) as any client of vLLM"
+        " hands it; *images alone + splice*, what the service does (`Engine.prepare`): the images"
+        " alone, one placeholder each, then each image's expansion put in place of its placeholder"
+        " (`engine._splice`; the same engine input, checked by `tests/test_engine_prepare.py`). The"
+        " part of the service's `process` time, and of the OpenAI bench's \"vLLM prep\", that is"
         " vLLM's own. One run of `bench/vllm_prep_bench.py`; median per turn of"
         f" {repeats} rounds over all turns.",
         "",
@@ -154,9 +203,12 @@ def main(
         "",
         *md_table(COLS, cells(rows), left=()),
         "",
-        f"- turn 1 -> 5 -> {last['turn']}: {first['ms']:.2f} -> {fifth['ms']:.2f} -> {last['ms']:.2f} ms;"
-        f" turn {last['turn']} / turn 5: {growth:.2f}x for {last['images'] / fifth['images']:.0f}x the"
-        " images.",
+        f"- whole prompt, turn 1 -> 5 -> {last['turn']}: {first['ms']:.2f} -> {fifth['ms']:.2f} ->"
+        f" {last['ms']:.2f} ms; turn {last['turn']} / turn 5: {growth:.2f}x for"
+        f" {last['images'] / fifth['images']:.0f}x the images.",
+        f"- images alone + splice, turn 1 -> 5 -> {last['turn']}: {first['spliced_ms']:.2f} ->"
+        f" {fifth['spliced_ms']:.2f} -> {last['spliced_ms']:.2f} ms; turn {last['turn']} / turn 5:"
+        f" {last['spliced_ms'] / fifth['spliced_ms']:.2f}x.",
         f"- Command: `{env_prefix()}python bench/vllm_prep_bench.py --turns {turns} --repeats {repeats}`",
     ]
     if write:

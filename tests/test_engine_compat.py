@@ -94,3 +94,41 @@ def test_structural_tag_reaches_vllm_with_tojson_whitespace_and_a_bad_schema_is_
     bad = chat_format("qwen3_vl").tool_call_constraint(odd, "required")
     with pytest.raises(EngineRejected, match="nonsense"):
         engine.sampling_params(SamplingOptions(structural_tag=bad), set())
+
+
+class _ShadowCache026:
+    """Shaped as 0.26's ``MultiModalProcessorSenderCache``: an LRU of what was sent, in
+    ``_cache``, and no ``invalidate``."""
+
+    def __init__(self, hashes):
+        self._cache = dict.fromkeys(hashes, "metadata")
+
+
+class _ShadowCache:
+    """Shaped as the installed vLLM's sender cache: its own ``invalidate``."""
+
+    def __init__(self):
+        self.invalidated: list[str] = []
+
+    def invalidate(self, mm_hash):
+        self.invalidated.append(mm_hash)
+
+
+@pytest.mark.parametrize("api", ["installed", "0.26"])
+def test_a_discarded_input_forgets_only_the_images_it_carried_as_data(api):
+    from mmstore_inference.engine import Prepared
+
+    cache = _ShadowCache() if api == "installed" else _ShadowCache026(["sent", "old", "other"])
+    engine = Engine(InferenceSettings(model=Path("unused")))
+    engine.llm = types.SimpleNamespace(renderer=types.SimpleNamespace(mm_processor_cache=cache))
+    engine_input = {
+        "type": "multimodal",
+        "mm_kwargs": {"image": [object(), None]},  # "old" went to the engine core with an earlier request
+        "mm_hashes": {"image": ["sent", "old"]},
+    }
+    engine.discard(Prepared(engine_input, [], [], 0.0))
+    if api == "installed":
+        assert cache.invalidated == ["sent"]
+    else:
+        assert set(cache._cache) == {"old", "other"}
+    engine.discard(Prepared({"type": "token", "prompt_token_ids": [1]}, [1], [], 0.0))  # no images: nothing

@@ -201,6 +201,21 @@ def test_image_tokens_are_never_sampled_by_default(client):
         assert not markup & set(s["token_ids"])
 
 
+def test_an_image_of_a_request_vllm_refuses_is_sent_again_with_the_next(client):
+    # vLLM renders the image (its processor cache counts it as sent to the engine core), then
+    # refuses the prompt as longer than max_model_len: the next request with that image must
+    # carry its data again, not a hash the engine core never got
+    picture = image_bytes(90, 120, seed=21)
+    too_long = render(client, [user("word " * 5000, picture)])
+    refused = generate(client, too_long)
+    assert refused.status_code == 400 and _code(refused) == "engine_rejected", refused.text
+    assert "maximum model length" in refused.json()["error"]["message"]
+    served = generate(client, render(client, [user("describe it", picture)]))
+    assert served.status_code == 200, served.text
+    (sample,) = served.json()["samples"]
+    assert len(sample["token_ids"]) == 8 and sample["finish_reason"] == "length"
+
+
 def test_health_ready_metrics(client):
     url = client[2].url
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}

@@ -100,10 +100,13 @@ class GenerateService:
         fetch_s = time.perf_counter() - t_fetch
         self.metrics.fetch_seconds.observe(fetch_s)
 
+        # before vLLM renders: a prepared input must reach the engine or be discarded
+        params = self.engine.sampling_params(req.sampling, self.image_markup_ids)
         t_process = time.perf_counter()
         digests = [d.digest for d in req.descriptors]
-        prepared = await self.engine.prepare(collapse(ids, runs), images, digests)
+        prepared = await self.engine.prepare(collapse(ids, runs), images, digests, self.image_token_id)
         if prepared.expanded_ids != ids:
+            self.engine.discard(prepared)
             lengths = prepared.placeholder_lengths
             for i, (got, desc) in enumerate(zip(lengths, req.descriptors, strict=False)):
                 if got != desc.num_tokens:
@@ -128,7 +131,6 @@ class GenerateService:
         process_s = time.perf_counter() - t_process
 
         t_gen = time.perf_counter()
-        params = self.engine.sampling_params(req.sampling, self.image_markup_ids)
         result = await self.engine.generate(prepared, params, request_id)
         generate_s = time.perf_counter() - t_gen
         self.metrics.generate_seconds.observe(generate_s)
