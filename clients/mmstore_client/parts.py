@@ -71,28 +71,31 @@ def _walk(body: Any, visit_part) -> None:
     visit(body, ())
 
 
+def _image_part(obj: dict, path: tuple[str | int, ...], root: str, found: list[ImagePart]) -> None:
+    val = obj.get("image_url")
+    if isinstance(val, dict) and isinstance(val.get("url"), str):
+        found.append(ImagePart(path, root, val, "url", val["url"]))
+    elif isinstance(val, str):
+        found.append(ImagePart(path, root, obj, "image_url", val))
+
+
 def image_parts(body: Any) -> list[ImagePart]:
     """Every image URL in ``body``, in document order."""
     found: list[ImagePart] = []
-
-    def part(obj: dict, path: tuple[str | int, ...], root: str) -> None:
-        val = obj.get("image_url")
-        if isinstance(val, dict) and isinstance(val.get("url"), str):
-            found.append(ImagePart(path, root, val, "url", val["url"]))
-        elif isinstance(val, str):
-            found.append(ImagePart(path, root, obj, "image_url", val))
-
-    _walk(body, part)
+    _walk(body, lambda obj, path, root: _image_part(obj, path, root, found))
     return found
 
 
-def video_parts(body: Any) -> list[str]:
-    """Where each video part of ``body`` is (``messages[1].content[0]``), in document order."""
-    found: list[str] = []
+def media_parts(body: Any) -> tuple[list[ImagePart], list[str]]:
+    """:func:`image_parts` of ``body`` and where each video part is (``messages[1].content[0]``),
+    in document order, in one walk."""
+    images: list[ImagePart] = []
+    videos: list[str] = []
 
     def part(obj: dict, path: tuple[str | int, ...], root: str) -> None:
+        _image_part(obj, path, root, images)
         if obj.get("type") in VIDEO_TYPES or "video_url" in obj:
-            found.append(_where(path, root))
+            videos.append(_where(path, root))
 
     _walk(body, part)
-    return found
+    return images, videos

@@ -32,7 +32,7 @@ from .descriptor import Descriptor, ImageSpan, reject_processed
 from .digest import is_ref, parse_ref
 from .layouts import Layout
 from .layouts.base import Placement
-from .parts import image_parts, video_parts
+from .parts import media_parts
 from .placeholders import PlaceholderMismatch, check_runs
 
 DESCRIPTORS_KEPT = 1 << 16  # about 1 KB each
@@ -90,10 +90,11 @@ def image_refs(messages: Sequence[dict[str, Any]]) -> list[str]:
 
 def _refs(messages: Sequence[dict[str, Any]]) -> list[str]:
     """:func:`image_refs` of messages already checked for processed payloads."""
-    if videos := video_parts(list(messages)):
+    images, videos = media_parts(list(messages))
+    if videos:
         raise RenderError(f"{videos[0]}: video parts are not supported (images only)", "video_unsupported")
     digests = []
-    for part in image_parts(list(messages)):
+    for part in images:
         if not part.in_content:
             raise RenderError(
                 f"{part.where}: an image outside a message's content list is not rendered by chat templates",
