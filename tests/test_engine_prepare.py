@@ -97,7 +97,7 @@ def test_splicing_the_images_alone_builds_what_vllm_renders_for_the_whole_prompt
                 assert torch.equal(a[key].data, b[key].data), key
 
 
-def test_a_placeholder_without_its_image_is_left_to_vllm(vllm_renderers):
+def test_no_splice_where_the_placeholders_are_not_one_per_image(vllm_renderers):
     model, config, (_, renderer) = vllm_renderers
     pictures = [image_bytes(96, 64, seed=4), image_bytes(80, 120, seed=5)]
     compact, digests, image_token = _conversation(model, pictures)

@@ -201,16 +201,31 @@ def test_image_tokens_are_never_sampled_by_default(client):
         assert not markup & set(s["token_ids"])
 
 
-def test_an_image_of_a_request_vllm_refuses_is_sent_again_with_the_next(client):
-    # vLLM renders the image (its processor cache counts it as sent to the engine core), then
-    # refuses the prompt as longer than max_model_len: the next request with that image must
-    # carry its data again, not a hash the engine core never got
-    picture = image_bytes(90, 120, seed=21)
-    too_long = render(client, [user("word " * 5000, picture)])
+def test_a_prompt_that_fills_the_context_is_refused_before_vllm_processes_it(client):
+    too_long = render(client, [user("word " * 5000, image_bytes(90, 120, seed=22))])
     refused = generate(client, too_long)
+    assert refused.status_code == 400 and _code(refused) == "context_length_exceeded", refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "prompt_token_ids" and f"{len(too_long.token_ids)}" in error["message"]
+
+
+def test_an_image_of_a_request_vllm_refuses_is_sent_again_with_the_next(client):
+    # vLLM processes the image (its processor cache counts it as sent to the engine core), then
+    # its own checks refuse the prompt (a token id outside the vocabulary): the next request with
+    # that image must carry its data again, not a hash the engine core never got
+    picture = image_bytes(90, 120, seed=21)
+    rendered = render(client, [user("describe it", picture)])
+    ids = list(rendered.token_ids)
+    ids.insert(len(ids) - 2, 10**6)
+    body = GenerateRequest(
+        prompt_token_ids=ids,
+        descriptors=rendered.descriptors,
+        sampling=SamplingOptions(max_tokens=8, temperature=0.0),
+    )
+    refused = httpx.post(f"{client[2].url}/v1/generate", json=body.model_dump(mode="json"), timeout=300)
     assert refused.status_code == 400 and _code(refused) == "engine_rejected", refused.text
-    assert "maximum model length" in refused.json()["error"]["message"]
-    served = generate(client, render(client, [user("describe it", picture)]))
+    assert "vocabulary" in refused.json()["error"]["message"]
+    served = generate(client, rendered)
     assert served.status_code == 200, served.text
     (sample,) = served.json()["samples"]
     assert len(sample["token_ids"]) == 8 and sample["finish_reason"] == "length"

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import time
 import uuid
@@ -39,6 +40,8 @@ from typing import Any
 from mmstore_client.inference import Completion, SamplingOptions
 
 from .settings import InferenceSettings
+
+log = logging.getLogger("mmstore_inference")
 
 FORBIDDEN_BIAS = float("-inf")  # logit bias that keeps a token from ever being sampled
 
@@ -293,23 +296,29 @@ class Engine:
 
         The renderer records an image as sent to the engine core when it renders it, and sends
         later requests only its hash; an input that never reaches the engine core (refused by
-        vLLM's checks, a placeholder mismatch, a cancelled request) would leave every later
-        request with that image pointing at data the engine core never got (0.26 fails each one,
-        0.32 the first). Forgetting an image the engine core has costs one more processing.
+        vLLM's checks, a placeholder mismatch) would leave every later request with that image
+        pointing at data the engine core never got (0.26 fails each one, 0.32 the first). Only for
+        inputs known not to have been sent: the two caches evict by the same rule, so forgetting
+        an image the engine core does hold would make them drift the other way. (The render also
+        marked the input's cached images as recently used, which no call undoes: the service
+        refuses what it can, e.g. an over-long prompt, before vLLM renders.)
         0.32 has the cache's own ``invalidate``; 0.26's LRU shadow cache has none, so its entry is
         popped: the one place that reaches into vLLM's cache.
         """
         cache = self.llm.renderer.mm_processor_cache if self.llm is not None else None
         if cache is None or engine_input.get("type") != "multimodal":
             return
+        forget = getattr(cache, "invalidate", None)
+        shadow = getattr(cache, "_cache", None)
+        if forget is None and shadow is not None:
+            forget = lambda mm_hash: shadow.pop(mm_hash, None)  # noqa: E731
+        if forget is None:
+            log.warning("vLLM's %s cannot forget an unsent image", type(cache).__name__)
+            return
         for modality, items in engine_input["mm_kwargs"].items():
             for item, mm_hash in zip(items, engine_input["mm_hashes"][modality], strict=True):
-                if item is None:
-                    continue
-                if hasattr(cache, "invalidate"):
-                    cache.invalidate(mm_hash)
-                else:
-                    cache._cache.pop(mm_hash, None)
+                if item is not None:
+                    forget(mm_hash)
 
     async def _render(self, ids: list[int], images: list[Any], digests: list[str]) -> Any:
         from vllm.inputs import TokensPrompt
@@ -360,8 +369,8 @@ class Engine:
                     prepared.engine_input, params, request_id or uuid.uuid4().hex
                 ):
                     final = output
-        except BaseException:
-            self.discard(prepared)  # refused before the engine core, or cancelled: maybe never sent
+        except EngineRejected:
+            self.discard(prepared)  # vLLM's checks refuse an input before it goes to the engine core
             raise
         if final is None:
             raise RuntimeError("vLLM returned no output")

@@ -86,6 +86,13 @@ class GenerateService:
         started = time.perf_counter()
         request_id = req.request_id or uuid.uuid4().hex
         ids = req.prompt_token_ids
+        context = self.engine.settings.max_model_len
+        if len(ids) >= context:  # vLLM's own refusal would come after it has processed the images
+            raise InvalidRequest(
+                f"the context is {context} tokens: the prompt's {len(ids)} leave none to sample",
+                code="context_length_exceeded",
+                param="prompt_token_ids",
+            )
         for i, desc in enumerate(req.descriptors):
             self._check_layout(i, desc)
         try:
