@@ -1,4 +1,4 @@
-"""Image placeholder runs in token ids: found, checked against descriptors, collapsed.
+"""Image placeholder runs in token ids: found, checked against descriptors, collapsed, expanded.
 
 Shared by the renderer (which builds the runs), the inference service (which collapses them to
 one placeholder per image for vLLM and compares vLLM's expansion) and the trainer (which checks
@@ -114,6 +114,26 @@ def collapse(ids: Sequence[int], runs: Sequence[ImageSpan]) -> list[int]:
         pos = run.start + run.length
     out.extend(ids[pos:])
     return out
+
+
+def expand(
+    compact: list[int], image_token_id: int, contents: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int]] | None:
+    """``compact`` (one ``image_token_id`` per image) with the k-th placeholder replaced by
+    ``contents[k]``, and where each content starts in the result: :func:`collapse` undone. None
+    when ``compact`` does not hold exactly one placeholder per content."""
+    if compact.count(image_token_id) != len(contents):
+        return None
+    ids: list[int] = []
+    starts, pos = [], 0
+    for content in contents:
+        at = compact.index(image_token_id, pos)
+        ids.extend(compact[pos:at])
+        starts.append(len(ids))
+        ids.extend(content)
+        pos = at + 1
+    ids.extend(compact[pos:])
+    return ids, starts
 
 
 def image_markup_ids(tokenizer, layout) -> set[int]:

@@ -33,7 +33,7 @@ from .digest import is_ref, parse_ref
 from .layouts import Layout
 from .layouts.base import Placement
 from .parts import media_parts
-from .placeholders import PlaceholderMismatch, check_runs
+from .placeholders import PlaceholderMismatch, check_runs, expand
 
 DESCRIPTORS_KEPT = 1 << 16  # about 1 KB each
 PIECE_TOKENS_KEPT = 1 << 20  # tokens of text pieces kept by :class:`_PieceTokens` (about 40 MB)
@@ -381,19 +381,9 @@ class Renderer:
     def _compact_expanded(self, text: str, descriptors: list[Descriptor]) -> list[int] | None:
         """The expanded ids from the compact text's tokenization (see _expands_by_repeat); None
         where its placeholder ids do not pair up with ``descriptors`` (the caller then expands)."""
-        compact = self._tokenize(text)
         image = self.image_token_id
-        if compact.count(image) != len(descriptors):
-            return None
-        ids: list[int] = []
-        start = 0
-        for desc in descriptors:
-            at = compact.index(image, start)
-            ids.extend(compact[start:at])
-            ids.extend([image] * desc.num_tokens)
-            start = at + 1
-        ids.extend(compact[start:])
-        return ids
+        expanded = expand(self._tokenize(text), image, [[image] * d.num_tokens for d in descriptors])
+        return expanded[0] if expanded is not None else None
 
     def _check_emitted(self, messages: Sequence[dict[str, Any]], options: TemplateOptions) -> None:
         """Refuse images the chat template leaves out (e.g. a system message's, in templates that

